@@ -1,0 +1,231 @@
+"""ONNX op → GHN primitive rules.
+
+Each rule is a small function registered for the op types it reads. It looks at one ONNX node
+(and, through the :class:`~ghn_onnx.converters.context.ConversionContext`, at its neighbourhood)
+and returns an :class:`Emission`: the GHN nodes that stand for it. Returning ``None`` means
+"no primitive": the node is dropped and edges are rewired through it (activations, reshapes,
+casts, dropout, ...). Which ops are read at all is visible in :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+
+from ghn_onnx.converters.tensors import get_attr
+from ghn_onnx.graph import LayoutStep, Node
+from ghn_onnx.primitives import Primitive
+
+
+@dataclass
+class Emission:
+    """What one ONNX node becomes in the GHN graph.
+
+    Attributes:
+        chain: nodes in data-flow order (a weight, then its bias); edges run along the chain.
+        inputs: the data inputs whose producers feed ``chain[0]``.
+        leaves: parameter nodes with no inputs that also feed ``chain[0]`` (a positional encoding
+            feeding its ``sum``).
+        min_preds: keep the emission only if ``chain[0]`` gets at least this many distinct
+            predecessors (sum and concat need two); otherwise the node is dropped.
+        claimed: stored tensors this rule accounts for, predicted or deliberately left alone
+            (BN running statistics), so they are not reported as unsupported.
+    """
+
+    chain: list[Node]
+    inputs: list[str]
+    leaves: list[Node] = field(default_factory=list)
+    min_preds: int = 0
+    claimed: list[str] = field(default_factory=list)
+
+
+Rule = Callable[[onnx.NodeProto, "ConversionContext"], "Emission | None"]  # noqa: F821
+RULES: dict[str, Rule] = {}
+
+
+def rule(*op_types: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for op in op_types:
+            if op in RULES:
+                raise ValueError(f"Two rules for {op}: {RULES[op].__name__} and {fn.__name__}")
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+# -- parametrised layers -------------------------------------------------------------------------
+
+def _weight_and_bias(ctx, node, weight_input: str, bias_input: str | None, primitive: Primitive,
+                     extra: tuple[LayoutStep, ...] = (), groups: int = 1) -> Emission | None:
+    w = ctx.param_ref(weight_input, "weight", extra)
+    if w is None:
+        return None  # a weight computed at run time is no parameter: nothing to predict
+    chain = [Node(primitive, w.tensor, w.canonical_shape, (w,), groups=groups)]
+    b = ctx.param_ref(bias_input, "bias") if bias_input else None
+    if b is not None and b.numel > 1:
+        chain.append(Node(Primitive.BIAS, b.tensor, b.canonical_shape, (b,)))
+    return Emission(chain, ctx.data_inputs(node)[:1], claimed=[p.tensor for n in chain for p in n.params])
+
+
+@rule("Conv")
+def conv(node, ctx) -> Emission | None:
+    groups = int(get_attr(node, "group", 1))
+    dilations = get_attr(node, "dilations", [1])
+    if groups > 1:
+        primitive = Primitive.DIL_CONV if min(dilations) > 1 else Primitive.SEP_CONV
+    else:
+        primitive = Primitive.CONV
+    return _weight_and_bias(ctx, node, node.input[1], node.input[2] if len(node.input) > 2 else None,
+                            primitive, groups=groups)
+
+
+@rule("ConvTranspose")
+def conv_transpose(node, ctx) -> Emission | None:
+    if int(get_attr(node, "group", 1)) != 1:
+        return None
+    w = ctx.tensors.stored(node.input[1])
+    if w is None:
+        return None
+    rank = len(w.layout.canonical_shape(w.shape))
+    # Stored (in, out, kh, kw): the GHN's canonical form is (out, in, kh, kw).
+    perm = (1, 0) + tuple(range(2, rank))
+    return _weight_and_bias(ctx, node, node.input[1], node.input[2] if len(node.input) > 2 else None,
+                            Primitive.CONV, (LayoutStep("transpose", perm),))
+
+
+@rule("Gemm")
+def gemm(node, ctx) -> Emission | None:
+    if get_attr(node, "transA", 0) or not ctx.tensors.is_data(node.input[0]):
+        return None
+    extra = () if get_attr(node, "transB", 0) else (LayoutStep("transpose", (1, 0)),)
+    return _weight_and_bias(ctx, node, node.input[1], node.input[2] if len(node.input) > 2 else None,
+                            Primitive.CONV, extra)
+
+
+@rule("MatMul")
+def matmul(node, ctx) -> Emission | None:
+    if not ctx.tensors.is_data(node.input[0]) or ctx.tensors.is_data(node.input[1]):
+        return None  # activation x activation (attention) or weight on the left: no layer here
+    w = ctx.tensors.stored(node.input[1])
+    if w is None or len(w.layout.canonical_shape(w.shape)) != 2:
+        return None
+    # MatMul computes x @ W with W stored (in, out); the canonical linear weight is (out, in).
+    return _weight_and_bias(ctx, node, node.input[1], None, Primitive.CONV,
+                            (LayoutStep("transpose", (1, 0)),))
+
+
+def _norm(node, ctx, primitive: Primitive, scale_input: str, bias_input: str | None,
+          statistics: tuple[str, ...] = ()) -> Emission | None:
+    scale = ctx.param_ref(scale_input, "scale")
+    if scale is None:
+        return None
+    params = [scale]
+    bias = ctx.param_ref(bias_input, "bias") if bias_input else None
+    if bias is not None:
+        params.append(bias)
+    claimed = [p.tensor for p in params]
+    for s in statistics:  # running statistics are calibrated, never predicted
+        st = ctx.tensors.stored(s)
+        if st is not None:
+            claimed.append(st.name)
+    return Emission([Node(primitive, scale.tensor, scale.canonical_shape, tuple(params))],
+                    ctx.data_inputs(node)[:1], claimed=claimed)
+
+
+@rule("BatchNormalization")
+def batch_norm(node, ctx) -> Emission | None:
+    return _norm(node, ctx, Primitive.BN, node.input[1], node.input[2], tuple(node.input[3:5]))
+
+
+@rule("LayerNormalization")
+def layer_norm(node, ctx) -> Emission | None:
+    return _norm(node, ctx, Primitive.LN, node.input[1], node.input[2] if len(node.input) > 2 else None)
+
+
+# -- parameter-free primitives -------------------------------------------------------------------
+
+def _pool(node, ctx, primitive: Primitive) -> Emission:
+    k = [int(v) for v in get_attr(node, "kernel_shape", [1, 1])]
+    kh, kw = (k + [1])[:2] if len(k) < 2 else k[-2:]
+    return Emission([Node(primitive, node.name or node.output[0], (1, 1, kh, kw))], ctx.data_inputs(node))
+
+
+@rule("MaxPool")
+def max_pool(node, ctx) -> Emission:
+    return _pool(node, ctx, Primitive.MAX_POOL)
+
+
+@rule("AveragePool")
+def avg_pool(node, ctx) -> Emission:
+    return _pool(node, ctx, Primitive.AVG_POOL)
+
+
+def _shape_free(node, ctx, primitive: Primitive, min_preds: int = 0) -> Emission:
+    return Emission([Node(primitive, node.name or node.output[0])], ctx.data_inputs(node), min_preds=min_preds)
+
+
+@rule("GlobalAveragePool", "ReduceMean")
+def global_average(node, ctx) -> Emission | None:
+    """A spatial mean is the network's global pooling, unless it squeezes an SE gate."""
+    if ctx.is_squeeze(node):
+        return None
+    if node.op_type == "ReduceMean" and not ctx.is_spatial_mean(node):
+        return None
+    return _shape_free(node, ctx, Primitive.GLOB_AVG)
+
+
+@rule("Add", "Sum")
+def add(node, ctx) -> Emission | None:
+    data = ctx.data_inputs(node)
+    if len(data) >= 2:
+        return _shape_free(node, ctx, Primitive.SUM, min_preds=2)
+    static = [i for i in node.input if i and not ctx.tensors.is_data(i)]
+    if len(data) != 1 or len(static) != 1:
+        return None
+    return _added_parameter(node, ctx, data[0], static[0])
+
+
+def _added_parameter(node, ctx, data: str, static: str) -> Emission | None:
+    """``x + p`` with a stored ``p``: a layer's bias, or a positional encoding."""
+    p = ctx.param_ref(static, "bias")
+    if p is None or p.numel <= 1:
+        return None
+    spread = sum(1 for d in p.stored_shape if d > 1)
+    if spread >= 2:  # varies over positions, not just channels: a positional encoding
+        pos = Node(Primitive.POS_ENC, p.tensor, p.canonical_shape, (dataclasses.replace(p, role="weight"),))
+        return Emission([Node(Primitive.SUM, node.name or node.output[0])], [data], leaves=[pos],
+                        claimed=[p.tensor])
+    if ctx.is_bias_free_layer_output(data):
+        flat = ctx.param_ref(static, "bias", (LayoutStep("reshape", (p.canonical_shape, (p.numel,))),))
+        return Emission([Node(Primitive.BIAS, flat.tensor, flat.canonical_shape, (flat,))], [data],
+                        claimed=[p.tensor])
+    return None
+
+
+@rule("Concat")
+def concat(node, ctx) -> Emission:
+    return _shape_free(node, ctx, Primitive.CONCAT, min_preds=2)
+
+
+@rule("Mul")
+def mul(node, ctx) -> Emission | None:
+    if ctx.is_cse(node):
+        return _shape_free(node, ctx, Primitive.CSE)
+    return None
+
+
+@rule("Softmax")
+def softmax(node, ctx) -> Emission | None:
+    if ctx.is_attention_softmax(node):
+        return _shape_free(node, ctx, Primitive.MSA)
+    return None
+
+
+@rule("Attention")
+def attention(node, ctx) -> Emission:
+    return _shape_free(node, ctx, Primitive.MSA)
+

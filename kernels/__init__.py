@@ -1,0 +1,1 @@
+"""Triton kernels for the GHN's message passing and parameter decoding (see README.md)."""
