@@ -1,0 +1,155 @@
+"""GHN-2: graph in, every parameter out.
+
+``h0 = embed[primitive] + shape_enc(shape)`` → :class:`GatedGNN` (forward + backward sweep) →
+LayerNorm → decoders → tile to the target shape → normalise. Module names follow the
+reference's state-dict keys (GHN2_FACTS §9) so its checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ghn_onnx.batch import GraphBatch
+from ghn_onnx.ghn.config import GHNConfig
+from ghn_onnx.ghn.decoder import ConvDecoder, Decoder1D
+from ghn_onnx.ghn.gatedgnn import GatedGNN
+from ghn_onnx.ghn.parameters import normalize_bias, normalize_scale, normalize_weight, tile
+from ghn_onnx.ghn.shape_encoder import ShapeEncoder
+from ghn_onnx.graph import Graph
+from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
+
+# Decode at most this many kernel taps at once: bounds memory for big batches (~64 MB fp32).
+TAPS_PER_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One node to decode: where it is and what it must become."""
+
+    node: int  # global node id
+    graph: int
+    local: int
+
+
+class GHN(nn.Module):
+    def __init__(self, config: GHNConfig = GHNConfig()) -> None:
+        super().__init__()
+        self.config = config
+        hid, (out_ch, _, s, _) = config.hid, config.max_shape
+        self.embed = nn.Embedding(len(Primitive), hid)
+        self.shape_enc = ShapeEncoder(hid, config.num_classes, s)
+        self.gnn = GatedGNN(hid, ve=config.ve)
+        self.ln = nn.LayerNorm(hid) if config.layernorm else None
+        self.decoder = ConvDecoder(hid, config.max_shape, config.num_classes)
+        self.decoder_1d = Decoder1D(hid, out_ch)
+        self.bias_class = nn.Sequential(nn.ReLU(), nn.Linear(out_ch, config.num_classes))
+
+    def batch(self, graphs: list[Graph]) -> GraphBatch:
+        return GraphBatch.build(graphs, cutoff=self.config.ve_cutoff, virtual=self.config.ve)
+
+    def node_states(self, batch: GraphBatch, sequential: bool = False) -> torch.Tensor:
+        """Final node states ``(N, hid)`` for every node of the batch."""
+        device = self.embed.weight.device
+        nodes = [n for g in batch.graphs for n in g.nodes]
+        prim = torch.as_tensor(np.array([int(n.primitive) for n in nodes]), device=device)
+        shape_ind = torch.as_tensor(np.array([self.shape_enc.indices(n.shape4d) for n in nodes]), device=device)
+        h = self.embed(prim) + self.shape_enc(shape_ind)  # (N, hid)
+        h = self.gnn.forward_sequential(h, batch) if sequential else self.gnn(h, batch)
+        return self.ln(h) if self.ln is not None else h
+
+    def forward(self, batch: GraphBatch | list[Graph], sequential: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Predict every parameter of every graph.
+
+        Returns, per graph, ``{tensor name: tensor in canonical shape}`` (fp32, on the GHN's
+        device, differentiable).
+        """
+        if not isinstance(batch, GraphBatch):
+            batch = self.batch(batch)
+        h = self.node_states(batch, sequential)
+        return self.decode(h, batch)
+
+    # -- decoding ------------------------------------------------------------------------------
+    def decode(self, h: torch.Tensor, batch: GraphBatch) -> list[dict[str, torch.Tensor]]:
+        out: list[dict[str, torch.Tensor]] = [{} for _ in batch.graphs]
+        weights: dict[tuple[int, int, bool], list[_Target]] = {}
+        vectors: list[_Target] = []
+        for b, g in enumerate(batch.graphs):
+            cls_w, cls_b = classifier_nodes(g)
+            for i, n in enumerate(g.nodes):
+                if not n.params:
+                    continue
+                t = _Target(int(batch.offsets[b]) + i, b, i)
+                if n.primitive in WEIGHT_PRIMITIVES or n.primitive is Primitive.POS_ENC:
+                    _, _, kh, kw = n.shape4d
+                    s = self.config.max_shape[2]
+                    weights.setdefault((min(kh, s), min(kw, s), i == cls_w), []).append(t)
+                else:
+                    vectors.append(t)
+        self._decode_weights(h, batch, weights, out)
+        self._decode_vectors(h, batch, vectors, out)
+        return out
+
+    def _decode_weights(self, h, batch, groups, out) -> None:
+        for (kh, kw, is_cls), targets in sorted(groups.items()):
+            chunk = max(1, TAPS_PER_CHUNK // (kh * kw))
+            for start in range(0, len(targets), chunk):
+                part = targets[start:start + chunk]
+                idx = torch.as_tensor([t.node for t in part], device=h.device)
+                blocks = self.decoder.blocks(self.decoder.template(h[idx]), kh, kw)  # (n, o, i, kh, kw)
+                if is_cls:
+                    blocks = self.decoder.classifier(blocks)  # (n, classes, in)
+                for t, block in zip(part, blocks):
+                    node = batch.graphs[t.graph].nodes[t.local]
+                    p = node.params[0]
+                    target = p.canonical_shape
+                    w = block if is_cls else _as_rank(block, len(target))
+                    w = tile(w, target)
+                    if self.config.weight_norm and node.primitive is not Primitive.POS_ENC:
+                        w = normalize_weight(w)
+                    out[t.graph][p.tensor] = w
+
+    def _decode_vectors(self, h, batch, targets, out) -> None:
+        if not targets:
+            return
+        idx = torch.as_tensor([t.node for t in targets], device=h.device)
+        rows = self.decoder_1d(h[idx])  # (n, 2, max_ch)
+        cls_rows = self.bias_class(rows)  # (n, 2, classes); only used by classifier biases
+        wn = self.config.weight_norm
+        for k, t in enumerate(targets):
+            g = batch.graphs[t.graph]
+            node = g.nodes[t.local]
+            is_cls = t.local == classifier_nodes(g)[1]
+            for p in node.params:
+                if node.primitive in NORM_PRIMITIVES and p.role == "scale":
+                    v = tile(rows[k, 0], p.canonical_shape)
+                    v = normalize_scale(v) if wn else v
+                else:
+                    v = tile((cls_rows if is_cls else rows)[k, 1], p.canonical_shape)
+                    v = normalize_bias(v) if wn else v
+                out[t.graph][p.tensor] = v
+
+
+def classifier_nodes(graph: Graph) -> tuple[int | None, int | None]:
+    """The classifier: the last weight node if it is a linear (2-D) weight, and its bias if that
+    is the node right after it. GHN-2 decodes these with its class heads."""
+    weights = [i for i, n in enumerate(graph.nodes) if n.primitive in WEIGHT_PRIMITIVES]
+    if not weights or len(graph.nodes[weights[-1]].shape) != 2:
+        return None, None
+    w = weights[-1]
+    b = w + 1 if w + 1 < len(graph.nodes) and graph.nodes[w + 1].primitive is Primitive.BIAS else None
+    return w, b
+
+
+def _as_rank(block: torch.Tensor, rank: int) -> torch.Tensor:
+    """A decoded ``(o, i, kh, kw)`` block viewed at the target's rank (centre-free, top-left)."""
+    if rank == 4:
+        return block
+    if rank == 3:
+        return block[:, :, :, 0]
+    if rank == 2:
+        return block[:, :, 0, 0]
+    return block[:, 0, 0, 0]
