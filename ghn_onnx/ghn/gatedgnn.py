@@ -98,7 +98,7 @@ class GatedGNN(nn.Module):
         offsets = torch.as_tensor(batch.offsets, device=h.device)
         sizes = offsets[1:] - offsets[:-1]
         edges = torch.as_tensor(batch.edges, device=h.device)
-        graph_of_edge = torch.bucketize(edges[:, 0], offsets[1:], right=True)
+        graph_of_edge = torch.bucketize(edges[:, 0].contiguous(), offsets[1:].contiguous(), right=True)
         local = (edges[:, 0] - offsets[graph_of_edge], edges[:, 1] - offsets[graph_of_edge])
         dist = edges[:, 2].to(h.dtype)
         n_max, n_graphs = int(sizes.max()), len(sizes)

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from ghn_onnx.batch import GraphBatch
+from ghn_onnx.ghn import fused_sweep
 from ghn_onnx.ghn.config import GHNConfig
 from ghn_onnx.ghn.decoder import ConvDecoder, Decoder1D
 from ghn_onnx.ghn.gatedgnn import GatedGNN
-from ghn_onnx.ghn.parameters import normalize_bias, normalize_scale, normalize_weight, tile
+from ghn_onnx.ghn.parameters import (expand_tile, normalize_bias, normalize_scale, normalize_weight,
+                                     tile, weight_scale)
 from ghn_onnx.ghn.shape_encoder import ShapeEncoder
 from ghn_onnx.graph import Graph
 from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
@@ -52,13 +54,21 @@ class GHN(nn.Module):
         return GraphBatch.build(graphs, cutoff=self.config.ve_cutoff, virtual=self.config.ve)
 
     def node_states(self, batch: GraphBatch, sequential: bool = False) -> torch.Tensor:
-        """Final node states ``(N, hid)`` for every node of the batch."""
+        """Final node states ``(N, hid)`` for every node of the batch.
+
+        ``sequential`` runs the reference loop. Otherwise, without autograd on CPU, the fused
+        compiled sweep runs; with autograd or on a GPU, the level-by-level PyTorch sweep."""
         device = self.embed.weight.device
         nodes = [n for g in batch.graphs for n in g.nodes]
         prim = torch.as_tensor(np.array([int(n.primitive) for n in nodes]), device=device)
         shape_ind = torch.as_tensor(np.array([self.shape_enc.indices(n.shape4d) for n in nodes]), device=device)
         h = self.embed(prim) + self.shape_enc(shape_ind)  # (N, hid)
-        h = self.gnn.forward_sequential(h, batch) if sequential else self.gnn(h, batch)
+        if sequential:
+            h = self.gnn.forward_sequential(h, batch)
+        elif h.device.type == "cpu" and not torch.is_grad_enabled() and fused_sweep.available():
+            h = fused_sweep.run(self.gnn, h, batch)
+        else:
+            h = self.gnn(h, batch)
         return self.ln(h) if self.ln is not None else h
 
     def forward(self, batch: GraphBatch | list[Graph], sequential: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -70,10 +80,14 @@ class GHN(nn.Module):
         if not isinstance(batch, GraphBatch):
             batch = self.batch(batch)
         h = self.node_states(batch, sequential)
-        return self.decode(h, batch)
+        return self.decode(h, batch, reference=sequential)
 
     # -- decoding ------------------------------------------------------------------------------
-    def decode(self, h: torch.Tensor, batch: GraphBatch) -> list[dict[str, torch.Tensor]]:
+    def decode(self, h: torch.Tensor, batch: GraphBatch, reference: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Node states → parameters. ``reference`` tiles first and normalises the full tensor (as
+        GHN-2 does); otherwise the normalisation (a per-tensor factor, or elementwise for 1-D) is
+        applied to the small decoded block and the tiled result is written once."""
+        self._reference = reference
         out: list[dict[str, torch.Tensor]] = [{} for _ in batch.graphs]
         weights: dict[tuple[int, int, bool], list[_Target]] = {}
         vectors: list[_Target] = []
@@ -107,9 +121,12 @@ class GHN(nn.Module):
                     p = node.params[0]
                     target = p.canonical_shape
                     w = block if is_cls else _as_rank(block, len(target))
-                    w = tile(w, target)
-                    if self.config.weight_norm and node.primitive is not Primitive.POS_ENC:
-                        w = normalize_weight(w)
+                    normalize = self.config.weight_norm and node.primitive is not Primitive.POS_ENC
+                    if self._reference:
+                        w = tile(w, target)
+                        w = normalize_weight(w) if normalize else w
+                    else:
+                        w = expand_tile(w * weight_scale(target) if normalize else w, target)
                     out[t.graph][p.tensor] = w
 
     def _decode_vectors(self, h, batch, targets, out) -> None:
@@ -125,11 +142,14 @@ class GHN(nn.Module):
             is_cls = t.local == classifier_nodes(g)[1]
             for p in node.params:
                 if node.primitive in NORM_PRIMITIVES and p.role == "scale":
-                    v = tile(rows[k, 0], p.canonical_shape)
-                    v = normalize_scale(v) if wn else v
+                    v, norm = rows[k, 0], normalize_scale
                 else:
-                    v = tile((cls_rows if is_cls else rows)[k, 1], p.canonical_shape)
-                    v = normalize_bias(v) if wn else v
+                    v, norm = (cls_rows if is_cls else rows)[k, 1], normalize_bias
+                if self._reference:
+                    v = tile(v, p.canonical_shape)
+                    v = norm(v) if wn else v
+                else:
+                    v = expand_tile(norm(v) if wn else v, p.canonical_shape)
                 out[t.graph][p.tensor] = v
 
 

@@ -32,12 +32,34 @@ def tile(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
     return block
 
 
+def expand_tile(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
+    """Same result as :func:`tile`, written in one copy: repeats become broadcast dimensions
+    of a view (``(r0, b0, r1, b1, ...)``) that a single ``reshape`` materialises."""
+    if block.dim() != len(target):
+        raise ValueError(f"Expected a block of rank {len(target)} (got {tuple(block.shape)})")
+    block = block[tuple(slice(0, min(b, t)) for b, t in zip(block.shape, target))]
+    reps = [math.ceil(t / b) for b, t in zip(block.shape, target)]
+    if all(r == 1 for r in reps):
+        return block.contiguous()
+    inter = [v for b in block.shape for v in (1, b)]
+    expanded = [v for r, b in zip(reps, block.shape) for v in (r, b)]
+    full = block.reshape(inter).expand(expanded).reshape([r * b for r, b in zip(reps, block.shape)])
+    if tuple(full.shape) != tuple(target):
+        full = full[tuple(slice(0, t) for t in target)].contiguous()
+    return full
+
+
+def weight_scale(shape: tuple[int, ...]) -> float:
+    """The factor :func:`normalize_weight` applies to a weight of this (final) shape."""
+    if len(shape) == 4 and shape[0] == 1 and shape[2] >= 11:
+        return 1.0  # a positional encoding
+    beta = 1.0 if len(shape) == 4 and (shape[1] == 1 or shape[2] < shape[3]) else 2.0
+    fan_in = math.prod(shape[1:])
+    return math.sqrt(beta / fan_in)
+
+
 def normalize_weight(w: torch.Tensor) -> torch.Tensor:
-    if w.dim() == 4 and w.shape[0] == 1 and w.shape[2] >= 11:
-        return w  # a positional encoding
-    beta = 1.0 if w.dim() == 4 and (w.shape[1] == 1 or w.shape[2] < w.shape[3]) else 2.0
-    fan_in = w[0].numel()
-    return w * math.sqrt(beta / fan_in)
+    return w * weight_scale(tuple(w.shape))
 
 
 def normalize_scale(p: torch.Tensor) -> torch.Tensor:
