@@ -76,8 +76,9 @@ def bn_status(graph: Graph) -> str:
 
 
 @torch.no_grad()
-def predict_graphs(ghn: GHN, graphs: Sequence[Graph]) -> list[dict[str, np.ndarray]]:
-    """Run the GHN over ``graphs`` in as few calls as memory allows; canonical fp32 arrays."""
+def predict_graphs(ghn: GHN, graphs: Sequence[Graph], reference: bool = False) -> list[dict[str, np.ndarray]]:
+    """Run the GHN over ``graphs`` in as few calls as memory allows; canonical fp32 arrays.
+    ``reference`` uses the sequential reference propagation (for benchmarks and tests)."""
     out: list[dict[str, np.ndarray]] = []
     start = 0
     while start < len(graphs):
@@ -85,18 +86,18 @@ def predict_graphs(ghn: GHN, graphs: Sequence[Graph]) -> list[dict[str, np.ndarr
         while end < len(graphs) and (end == start or nodes + len(graphs[end]) <= MAX_NODES_PER_CALL):
             nodes += len(graphs[end])
             end += 1
-        for params in ghn(list(graphs[start:end])):
+        for params in ghn(list(graphs[start:end]), sequential=reference):
             out.append({k: v.detach().cpu().numpy() for k, v in params.items()})
         start = end
     return out
 
 
 def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[str] | None = None,
-                   metadata: dict[str, str] | None = None) -> list[Prediction]:
+                   metadata: dict[str, str] | None = None, reference: bool = False) -> list[Prediction]:
     """Predict the parameters of several models with one batched GHN pass."""
     names = list(names or [f"model_{i}" for i in range(len(models))])
     prepared = [prepare(m, n) for m, n in zip(models, names)]
-    params = predict_graphs(ghn, [g for _, g in prepared])
+    params = predict_graphs(ghn, [g for _, g in prepared], reference)
     results = []
     for (model, graph), name, pred in zip(prepared, names, params):
         status = bn_status(graph)
@@ -120,7 +121,8 @@ def predict(model: onnx.ModelProto, ghn: GHN, name: str = "model", metadata: dic
 def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os.PathLike], ghn: GHN, *,
                   metadata: dict[str, str] | None = None,
                   calibrate: Callable[[onnx.ModelProto, Graph], tuple[onnx.ModelProto, str]] | None = None,
-                  progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[Prediction]:
+                  progress: Callable[[Iterable], Iterable] = lambda it: it,
+                  reference: bool = False) -> list[Prediction]:
     """File to file. Inputs are only read; each output is written atomically (temp + rename).
 
     ``calibrate(model, graph) -> (model, status)`` is applied to each predicted model before it
@@ -133,7 +135,7 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
         raise GhnOnnxError("two inputs would be written to the same output file")
     t0 = time.perf_counter()
     models = [load_model(p) for p in inputs]
-    preds = predict_models(models, ghn, [Path(p).name for p in inputs], metadata)
+    preds = predict_models(models, ghn, [Path(p).name for p in inputs], metadata, reference)
     share = (time.perf_counter() - t0) / max(len(preds), 1)
     for pred, src, dst in progress(list(zip(preds, inputs, outputs))):
         t1 = time.perf_counter()

@@ -28,10 +28,23 @@ class ConvDecoder(nn.Module):
         """``(n, hid)`` → ``(n, 4·hid, s, s)``."""
         return self.fc(x).view(len(x), self.template_ch, self.s, self.s)
 
-    def blocks(self, template: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-        """``(n, 4·hid, s, s)`` → ``(n, out, in, kh, kw)`` from the top-left taps."""
-        y = self.conv(template[:, :, :kh, :kw])  # (n, out·in, kh, kw)
-        return y.view(len(y), self.out_ch, self.in_ch, kh, kw)
+    def blocks(self, template: torch.Tensor, kh: int, kw: int, rows: int | None = None,
+               cols: int | None = None) -> torch.Tensor:
+        """``(n, 4·hid, s, s)`` → ``(n, rows, cols, kh, kw)`` from the top-left taps.
+
+        ``rows × cols`` (default: all ``out × in``) selects the top-left corner of the channel
+        block by computing only those output rows of the last 1×1 conv (row ``o·in + i``), which
+        equals decoding the whole block and slicing it, for any ``rows``, ``cols``."""
+        rows, cols = rows or self.out_ch, cols or self.in_ch
+        x = template[:, :, :kh, :kw]
+        if rows == self.out_ch and cols == self.in_ch:
+            y = self.conv(x)  # (n, out·in, kh, kw)
+        else:
+            last = self.conv[2]
+            sel = last.weight.view(self.out_ch, self.in_ch, -1)[:rows, :cols].reshape(rows * cols, -1, 1, 1)
+            bias = last.bias.view(self.out_ch, self.in_ch)[:rows, :cols].reshape(-1)
+            y = torch.nn.functional.conv2d(self.conv[1](self.conv[0](x)), sel, bias)  # (n, rows·cols, kh, kw)
+        return y.view(len(y), rows, cols, kh, kw)
 
     def classifier(self, block: torch.Tensor) -> torch.Tensor:
         """``(n, out, in, 1, 1)`` → ``(n, num_classes, in)``: the head acts on the out axis."""

@@ -84,36 +84,43 @@ class GHN(nn.Module):
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, h: torch.Tensor, batch: GraphBatch, reference: bool = False) -> list[dict[str, torch.Tensor]]:
-        """Node states → parameters. ``reference`` tiles first and normalises the full tensor (as
-        GHN-2 does); otherwise the normalisation (a per-tensor factor, or elementwise for 1-D) is
-        applied to the small decoded block and the tiled result is written once."""
-        self._reference = reference
+        """Node states ``(N, hid)`` → per graph ``{tensor: canonical-shape tensor}``.
+
+        ``reference`` does what GHN-2 does: decode full 64×64 blocks, tile, then normalise the
+        tiled tensor. Otherwise (same values): decode only the block rows the target needs
+        (``min(out, 64) × min(in, 64)`` of the 64×64; row selection of the last 1×1 conv), apply
+        the normalisation to the small block (it is one factor per tensor, or elementwise), and
+        write the tiled result in one copy.
+        """
         out: list[dict[str, torch.Tensor]] = [{} for _ in batch.graphs]
-        weights: dict[tuple[int, int, bool], list[_Target]] = {}
+        weights: dict[tuple[int, int, int, int, bool], list[_Target]] = {}
         vectors: list[_Target] = []
+        s, max_o, max_i = self.config.max_shape[2], self.config.max_shape[0], self.config.max_shape[1]
         for b, g in enumerate(batch.graphs):
-            cls_w, cls_b = classifier_nodes(g)
+            cls_w, _ = classifier_nodes(g)
             for i, n in enumerate(g.nodes):
                 if not n.params:
                     continue
                 t = _Target(int(batch.offsets[b]) + i, b, i)
                 if n.primitive in WEIGHT_PRIMITIVES or n.primitive is Primitive.POS_ENC:
-                    _, _, kh, kw = n.shape4d
-                    s = self.config.max_shape[2]
-                    weights.setdefault((min(kh, s), min(kw, s), i == cls_w), []).append(t)
+                    o, ci, kh, kw = n.shape4d
+                    is_cls = i == cls_w
+                    rows = max_o if (reference or is_cls) else min(o, max_o)
+                    cols = max_i if reference else min(ci, max_i)
+                    weights.setdefault((min(kh, s), min(kw, s), rows, cols, is_cls), []).append(t)
                 else:
                     vectors.append(t)
-        self._decode_weights(h, batch, weights, out)
-        self._decode_vectors(h, batch, vectors, out)
+        self._decode_weights(h, batch, weights, out, reference)
+        self._decode_vectors(h, batch, vectors, out, reference)
         return out
 
-    def _decode_weights(self, h, batch, groups, out) -> None:
-        for (kh, kw, is_cls), targets in sorted(groups.items()):
+    def _decode_weights(self, h, batch, groups, out, reference: bool) -> None:
+        for (kh, kw, rows, cols, is_cls), targets in sorted(groups.items()):
             chunk = max(1, TAPS_PER_CHUNK // (kh * kw))
             for start in range(0, len(targets), chunk):
                 part = targets[start:start + chunk]
                 idx = torch.as_tensor([t.node for t in part], device=h.device)
-                blocks = self.decoder.blocks(self.decoder.template(h[idx]), kh, kw)  # (n, o, i, kh, kw)
+                blocks = self.decoder.blocks(self.decoder.template(h[idx]), kh, kw, rows, cols)
                 if is_cls:
                     blocks = self.decoder.classifier(blocks)  # (n, classes, in)
                 for t, block in zip(part, blocks):
@@ -122,14 +129,15 @@ class GHN(nn.Module):
                     target = p.canonical_shape
                     w = block if is_cls else _as_rank(block, len(target))
                     normalize = self.config.weight_norm and node.primitive is not Primitive.POS_ENC
-                    if self._reference:
+                    if reference:
                         w = tile(w, target)
                         w = normalize_weight(w) if normalize else w
                     else:
+                        w = w[tuple(slice(0, min(a, b)) for a, b in zip(w.shape, target))]
                         w = expand_tile(w * weight_scale(target) if normalize else w, target)
                     out[t.graph][p.tensor] = w
 
-    def _decode_vectors(self, h, batch, targets, out) -> None:
+    def _decode_vectors(self, h, batch, targets, out, reference: bool) -> None:
         if not targets:
             return
         idx = torch.as_tensor([t.node for t in targets], device=h.device)
@@ -145,11 +153,11 @@ class GHN(nn.Module):
                     v, norm = rows[k, 0], normalize_scale
                 else:
                     v, norm = (cls_rows if is_cls else rows)[k, 1], normalize_bias
-                if self._reference:
+                if reference:
                     v = tile(v, p.canonical_shape)
                     v = norm(v) if wn else v
                 else:
-                    v = expand_tile(norm(v) if wn else v, p.canonical_shape)
+                    v = expand_tile(norm(v[: p.canonical_shape[0]]) if wn else v, p.canonical_shape)
                 out[t.graph][p.tensor] = v
 
 

@@ -1,0 +1,115 @@
+"""GHN forward and file-to-file latency: fast CPU path vs the sequential reference, side by side.
+
+    python bench/bench_predict.py [--repeats 15] [--json out.json]
+
+Cases: ResNet-50 (CIFAR variant: 3x3 stem, no max-pool, 10 classes, TorchScript export with BN
+kept) and a meta-batch of 8 DeepNets graphs (the five ghn2-parity DeepNets fixtures, the first
+three repeated). Both paths run in the same process, interleaved, on the same prebuilt graphs;
+the figure is the median of ``--repeats`` runs. GHN weights: the reference fixture
+``ghn2_random_cifar10.npz`` (speed does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GHN_ONNX_SHARED") or REPO.parent / "shared")
+PARITY = SHARED / "reference" / "ghn2-parity"
+DEEPNETS = ["deepnets_1", "deepnets_6", "deepnets_9", "deepnets_11", "deepnets_17", "deepnets_1", "deepnets_6",
+            "deepnets_9"]
+
+
+def export_resnet50(path: Path) -> Path:
+    import torchvision
+
+    m = torchvision.models.resnet50(num_classes=10)
+    m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    m.maxpool = torch.nn.Identity()
+    torch.onnx.export(m.eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+                      training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, input_names=["input"])
+    return path
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each function, alternating between them so background load hits both."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> dict:
+    from ghn_onnx.converters import convert_file
+    from ghn_onnx.ghn import checkpoint
+    from ghn_onnx.predict import predict_files
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    ghn = checkpoint.load_reference(PARITY / "ghn2_random_cifar10.npz")
+    results: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "cases": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        r50 = export_resnet50(tmp / "resnet50.onnx")
+        cases = {"resnet50": [r50], "deepnets_batch8": [PARITY / f"{n}.onnx" for n in DEEPNETS]}
+        for case, files in cases.items():
+            graphs = [convert_file(f) for f in files]
+            batch = ghn.batch(graphs)
+            with torch.no_grad():
+                ghn(batch)
+                ghn(batch, sequential=True)  # warm-up (numba compiles on first use)
+                fwd = interleaved({"fast": lambda: ghn(batch), "reference": lambda: ghn(batch, sequential=True)},
+                                  args.repeats)
+            outs = [tmp / f"out_{i}.onnx" for i in range(len(files))]
+            f2f_repeats = max(3, args.repeats // 3)
+            f2f = interleaved({
+                "fast": lambda: predict_files(files, outs, ghn),
+                "reference": lambda: predict_files(files, outs, ghn, reference=True),
+            }, f2f_repeats)
+            results["cases"][case] = {
+                "graphs": len(graphs), "nodes": sum(len(g) for g in graphs),
+                "edges_with_virtual": int(len(batch.edges)),
+                "ghn_forward_ms": fwd, "ghn_forward_speedup": fwd["reference"] / fwd["fast"],
+                "file_to_file_ms": f2f, "file_to_file_speedup": f2f["reference"] / f2f["fast"],
+            }
+    print(f"{'case':<18}{'what':<16}{'fast ms':>10}{'reference ms':>14}{'speedup':>9}")
+    for case, r in results["cases"].items():
+        for what in ("ghn_forward", "file_to_file"):
+            ms = r[f"{what}_ms"]
+            print(f"{case:<18}{what:<16}{ms['fast']:>10.1f}{ms['reference']:>14.1f}{r[f'{what}_speedup']:>8.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
