@@ -39,7 +39,16 @@ class ConversionContext:
         st = self.tensors.stored(name)
         if st is None or not st.is_float:
             return None
-        return ParamRef(st.name, role, st.shape, st.dtype, Layout(st.layout.steps + tuple(extra)))
+        ref = ParamRef(st.name, role, st.shape, st.dtype, Layout(st.layout.steps + tuple(extra)))
+        if role in ("bias", "scale"):
+            # Per-channel vectors are canonically 1-D, whatever broadcast shape they are stored in.
+            shape = ref.canonical_shape
+            if sum(1 for d in shape if d > 1) > 1:
+                return None
+            if len(shape) != 1:
+                ref = ParamRef(st.name, role, st.shape, st.dtype,
+                               ref.layout.then(LayoutStep("reshape", (shape, (ref.numel,)))))
+        return ref
 
     def data_inputs(self, node: onnx.NodeProto) -> list[str]:
         return self.tensors.data_inputs(node)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import onnx
+import onnx.parser
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from ghn_onnx.errors import ModelLoadError, UnsupportedModelError
@@ -16,6 +19,10 @@ QUANTIZED_OPS = frozenset({
     "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "QLinearAdd", "QLinearMul",
     "QAttention", "MatMulNBits", "QLinearGlobalAveragePool", "QLinearConcat",
 })
+# What onnx.load raises for a file it cannot parse. It picks the parser by file suffix, so a
+# ".json" or ".textproto" file fails with the JSON or text-format parser's own error types.
+PARSE_ERRORS = (DecodeError, json_format.ParseError, text_format.ParseError, onnx.parser.ParseError,
+                RuntimeError, ValueError, UnicodeDecodeError)
 # Ops with sub-graphs: a GHN graph is a static DAG.
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
@@ -31,15 +38,39 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        with warnings.catch_warnings():
+            # onnx warns that its ".onnxtxt" parser is experimental; the outcome is reported below.
+            warnings.simplefilter("ignore", UserWarning)
+            model = onnx.load(str(path), load_external_data=False)
+    except PARSE_ERRORS as exc:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not model.graph.node:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes; truncated or another format?)")
+    _check_node_inputs(model, path)
     _load_external_data(model, path)
     return model
+
+
+def _check_node_inputs(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a node with fewer inputs than its ONNX schema requires (a Conv without its weight):
+    the rules read inputs by position. Not the full onnx.checker, which also rejects models that
+    runtimes load fine (graph outputs without a shape, for one)."""
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    version = opsets.get("ai.onnx")
+    if version is None:
+        return
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, version, "")
+        except onnx.defs.SchemaError:
+            continue  # an op this onnx release does not know: no rule reads it either
+        if len(node.input) < schema.min_input:
+            raise ModelLoadError(f"{path}: invalid ONNX model ({node.op_type} node {node.name!r} has "
+                                 f"{len(node.input)} input(s), the spec requires at least {schema.min_input})")
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -94,5 +125,7 @@ def check_supported(model: onnx.ModelProto, name: str = "model") -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    arg = exc.args[0] if len(exc.args) == 1 else None
+    # onnx.parser.ParseError carries its message as bytes.
+    text = (arg.decode(errors="replace") if isinstance(arg, bytes) else str(exc)).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__

@@ -62,8 +62,8 @@ def rule(*op_types: str) -> Callable[[Rule], Rule]:
 def _weight_and_bias(ctx, node, weight_input: str, bias_input: str | None, primitive: Primitive,
                      extra: tuple[LayoutStep, ...] = (), groups: int = 1) -> Emission | None:
     w = ctx.param_ref(weight_input, "weight", extra)
-    if w is None:
-        return None  # a weight computed at run time is no parameter: nothing to predict
+    if w is None or len(w.canonical_shape) not in (2, 3, 4) or min(w.canonical_shape) < 1:
+        return None  # computed at run time, or a layout no GHN primitive has (e.g. 3-D convs)
     chain = [Node(primitive, w.tensor, w.canonical_shape, (w,), groups=groups)]
     b = ctx.param_ref(bias_input, "bias") if bias_input else None
     if b is not None and b.numel > 1:
@@ -191,18 +191,20 @@ def add(node, ctx) -> Emission | None:
 
 def _added_parameter(node, ctx, data: str, static: str) -> Emission | None:
     """``x + p`` with a stored ``p``: a layer's bias, or a positional encoding."""
-    p = ctx.param_ref(static, "bias")
-    if p is None or p.numel <= 1:
+    st = ctx.tensors.stored(static)
+    if st is None or st.numel <= 1:
         return None
-    spread = sum(1 for d in p.stored_shape if d > 1)
-    if spread >= 2:  # varies over positions, not just channels: a positional encoding
-        pos = Node(Primitive.POS_ENC, p.tensor, p.canonical_shape, (dataclasses.replace(p, role="weight"),))
-        return Emission([Node(Primitive.SUM, node.name or node.output[0])], [data], leaves=[pos],
-                        claimed=[p.tensor])
-    if ctx.is_bias_free_layer_output(data):
-        flat = ctx.param_ref(static, "bias", (LayoutStep("reshape", (p.canonical_shape, (p.numel,))),))
-        return Emission([Node(Primitive.BIAS, flat.tensor, flat.canonical_shape, (flat,))], [data],
-                        claimed=[p.tensor])
+    if sum(1 for d in st.shape if d > 1) >= 2:  # varies over positions, not just channels
+        pos = ctx.param_ref(static, "weight")
+        if pos is None or len(pos.canonical_shape) > 4:
+            return None
+        return Emission([Node(Primitive.SUM, node.name or node.output[0])], [data],
+                        leaves=[Node(Primitive.POS_ENC, pos.tensor, pos.canonical_shape, (pos,))],
+                        claimed=[pos.tensor])
+    bias = ctx.param_ref(static, "bias")
+    if bias is not None and ctx.is_bias_free_layer_output(data):
+        return Emission([Node(Primitive.BIAS, bias.tensor, bias.canonical_shape, (bias,))], [data],
+                        claimed=[bias.tensor])
     return None
 
 

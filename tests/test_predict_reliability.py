@@ -1,0 +1,148 @@
+"""Predict never fails with anything but the project's own error, never writes partial files,
+and gives bitwise-identical outputs for identical inputs."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ghn_onnx.converters import load_model
+from ghn_onnx.errors import CheckpointError, GhnOnnxError
+from ghn_onnx.ghn import GHN, GHNConfig, checkpoint
+from ghn_onnx.predict import predict, predict_files
+
+SMALL = ("deepnets_17", "deepnets_6", "resnet18")
+
+
+@pytest.fixture(scope="module")
+def ghn() -> GHN:
+    torch.manual_seed(0)
+    return GHN(GHNConfig()).eval()
+
+
+@pytest.fixture(scope="module")
+def small_models(parity_dir) -> dict[str, onnx.ModelProto]:
+    return {n: load_model(parity_dir / f"{n}.onnx") for n in SMALL}
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_same_input_gives_bitwise_identical_output(parity_dir, ghn, tmp_path):
+    src = parity_dir / "deepnets_17.onnx"
+    before = _digest(src)
+    predict_files([src], [tmp_path / "a.onnx"], ghn)
+    predict_files([src], [tmp_path / "b.onnx"], ghn)
+    assert _digest(tmp_path / "a.onnx") == _digest(tmp_path / "b.onnx")
+    assert _digest(src) == before
+
+
+def test_batched_files_equal_single_files(parity_dir, ghn, tmp_path):
+    """Batching changes only float rounding (matrix products over more rows), not values."""
+    srcs = [parity_dir / f"{n}.onnx" for n in ("deepnets_17", "deepnets_6")]
+    predict_files(srcs, [tmp_path / "x0.onnx", tmp_path / "x1.onnx"], ghn)
+    for i, s in enumerate(srcs):
+        predict_files([s], [tmp_path / f"y{i}.onnx"], ghn)
+        a = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"x{i}.onnx").graph.initializer}
+        b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / f"y{i}.onnx").graph.initializer}
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_interrupted_write_leaves_no_partial_output(parity_dir, ghn, tmp_path, monkeypatch):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous result")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", boom)
+    with pytest.raises(KeyboardInterrupt):
+        predict_files([parity_dir / "deepnets_17.onnx"], [out], ghn)
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, ghn):
+    path = tmp_path / "ghn.safetensors"
+    checkpoint.save(ghn, path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        checkpoint.load(tmp_path / "trunc.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path / "garbage.safetensors")
+    with pytest.raises(CheckpointError, match="no such"):
+        checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    small = GHN(GHNConfig(num_classes=100))
+    checkpoint.save(small, tmp_path / "c100.safetensors")
+    loaded = checkpoint.load(tmp_path / "c100.safetensors")  # its own config travels with it
+    assert loaded.config.num_classes == 100
+    state = {k: v for k, v in small.state_dict().items()}
+    with pytest.raises(CheckpointError, match="shape"):
+        checkpoint.from_state_dict(state, GHNConfig())
+    del state["ln.weight"]
+    with pytest.raises(CheckpointError, match="missing ln.weight"):
+        checkpoint.from_state_dict(state, GHNConfig(num_classes=100))
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path, ghn, parity_dir):
+    checkpoint.save(ghn, tmp_path / "g.safetensors")
+    again = checkpoint.load(tmp_path / "g.safetensors")
+    for (k, a), (_, b) in zip(ghn.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+# -- mutations ---------------------------------------------------------------------------------
+
+def _mutate(model: onnx.ModelProto, data) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    kind = data.draw(st.sampled_from(["drop_node", "dup_node", "reshape_init", "drop_init", "shuffle"]))
+    if kind == "drop_node" and len(g.node) > 1:
+        del g.node[data.draw(st.integers(0, len(g.node) - 1))]
+    elif kind == "dup_node":
+        i = data.draw(st.integers(0, len(g.node) - 1))
+        g.node.insert(i, g.node[i])
+    elif kind == "reshape_init" and len(g.initializer):
+        t = g.initializer[data.draw(st.integers(0, len(g.initializer) - 1))]
+        n = int(np.prod(t.dims))
+        dims = data.draw(st.sampled_from([[n], [1, n], [n, 1, 1, 1], [max(n // 2, 1), 2] if n % 2 == 0 else [n, 1]]))
+        del t.dims[:]
+        t.dims.extend(dims)
+    elif kind == "drop_init" and len(g.initializer):
+        del g.initializer[data.draw(st.integers(0, len(g.initializer) - 1))]
+    elif kind == "shuffle":
+        nodes = list(g.node)
+        order = data.draw(st.permutations(range(len(nodes))))
+        del g.node[:]
+        g.node.extend(nodes[i] for i in order)
+    return m
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_models_raise_only_project_errors(small_models, ghn, data):
+    name = data.draw(st.sampled_from(SMALL))
+    model = small_models[name]
+    for _ in range(data.draw(st.integers(1, 3))):
+        model = _mutate(model, data)
+    try:
+        out = predict(model, ghn, name=name)
+    except GhnOnnxError:
+        return
+    assert isinstance(out, onnx.ModelProto)
