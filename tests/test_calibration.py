@@ -1,0 +1,283 @@
+"""BN calibration, the batch-statistics rewrite and calibration data loading."""
+
+from __future__ import annotations
+
+import copy
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from ghn_onnx.calibration import (CIFAR10_MEAN, CIFAR10_STD, batch_stats_model, calibrate_bn, data_input,
+                                  iter_batches, load_calibration_data)
+from ghn_onnx.converters import convert
+from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.graph import Graph
+from ghn_onnx.primitives import Primitive
+from ghn_onnx.storage import stored_tensors, untie_aliases
+from ghn_onnx.writeback import resolve_shared, write_predictions
+from writeback_models import TinyResNet, bn_model, export, randomise_bn, run
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+CIFAR_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.zip"
+
+
+def calibration_batches(seed: int = 0, sizes=(8, 8, 5), shape=(3, 16, 16)) -> list[np.ndarray]:
+    """Off-centre data of uneven batch sizes, so merging batches and centring both matter."""
+    rng = np.random.default_rng(seed)
+    offset = np.arange(shape[0], dtype=np.float32).reshape(-1, *([1] * (len(shape) - 1)))
+    return [(rng.standard_normal((n, *shape)) * 2 + offset + 1).astype(np.float32) for n in sizes]
+
+
+def torch_calibrate(module: nn.Module, batches: list[np.ndarray]) -> nn.Module:
+    """Reference: BN by BN in module order (topological here), the exact population statistics
+    of its input over all batches, with the BNs above already calibrated."""
+    module = copy.deepcopy(module).eval()
+    for bn in [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+        seen: list[torch.Tensor] = []
+        hook = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].double()))
+        with torch.no_grad():
+            for b in batches:
+                module(torch.from_numpy(b))
+        hook.remove()
+        x = torch.cat([s.transpose(0, 1).reshape(s.shape[1], -1) for s in seen], dim=1)  # (C, N*H*W)
+        bn.running_mean.copy_(x.mean(dim=1))
+        bn.running_var.copy_(x.var(dim=1, unbiased=False))
+    return module
+
+
+def stats(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(stored_tensors(model)[name])
+
+
+def torch_out(module: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    module = randomise_bn(TinyResNet())
+    return module, export(module, torch.randn(2, 3, 16, 16))
+
+
+# -- calibrate_bn --------------------------------------------------------------------------------
+
+def test_calibration_matches_sequential_torch_reference(resnet):
+    module, model = resnet
+    before = model.SerializeToString()
+    batches = calibration_batches()
+    out = calibrate_bn(model, batches)
+    assert model.SerializeToString() == before
+    reference = torch_calibrate(module, batches)
+    for bn in ("bn0", "bn1", "bn2", "down_bn"):
+        ref = reference.get_submodule(bn)
+        np.testing.assert_allclose(stats(out, f"{bn}.running_mean"), ref.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats(out, f"{bn}.running_var"), ref.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    # Same tensors, same places, no extra outputs: only the statistics changed.
+    assert [t.name for t in out.graph.initializer] == [t.name for t in model.graph.initializer]
+    assert [o.name for o in out.graph.output] == ["y"] and len(out.graph.node) == len(model.graph.node)
+    x = calibration_batches(seed=1, sizes=(4,))[0]
+    np.testing.assert_allclose(run(out, x), torch_out(reference, x), atol=1e-4, rtol=1e-4)
+
+
+def test_first_bn_gets_numpy_stats_of_first_conv(resnet):
+    module, model = resnet
+    batches = calibration_batches()
+    out = calibrate_bn(model, batches)
+    with torch.no_grad():
+        conv = np.concatenate([module.conv0(torch.from_numpy(b)).numpy() for b in batches]).astype(np.float64)
+    np.testing.assert_allclose(stats(out, "bn0.running_mean"), conv.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats(out, "bn0.running_var"), conv.var(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_shared_statistics_are_untied_first():
+    """A fresh export reads bn*.running_var and bn*.weight from one all-ones tensor: calibrating
+    must not change the BN scales."""
+    torch.manual_seed(1)
+    module = TinyResNet()
+    model = export(module, torch.randn(2, 3, 16, 16))
+    batches = calibration_batches()
+    out = calibrate_bn(model, batches)
+    onnx.checker.check_model(out)
+    x = calibration_batches(seed=1, sizes=(4,))[0]
+    np.testing.assert_allclose(run(out, x), torch_out(torch_calibrate(module, batches), x), atol=1e-4, rtol=1e-4)
+
+
+def test_statistics_shared_directly_get_their_own_tensors():
+    """Two BNs reading one initializer as scale of one and running_var of the other."""
+    rng = np.random.default_rng(7)
+    model = bn_model(rng, opset=17)
+    model.graph.node.append(onnx.helper.make_node("BatchNormalization", ["y", "v", "B", "m", "s"], ["z"]))
+    model.graph.output[0].name = "z"
+    x = calibration_batches(sizes=(6, 3), shape=(4, 5, 5))
+    out = calibrate_bn(model, x)
+    onnx.checker.check_model(out)
+    for name in "sBmv":  # the original tensors keep their values
+        np.testing.assert_array_equal(stats(out, name), stats(model, name))
+    p = {k: torch.from_numpy(stats(model, k).copy()) for k in "sBmv"}
+    data = torch.from_numpy(np.concatenate(x)).double()
+
+    def calibrated_bn(t, scale, bias, eps):
+        mean, var = t.mean(dim=(0, 2, 3)), t.var(dim=(0, 2, 3), unbiased=False)
+        return F.batch_norm(t, mean, var, scale.double(), bias.double(), training=False, eps=eps)
+
+    expected = calibrated_bn(calibrated_bn(data, p["s"], p["B"], 1e-3), p["v"], p["B"], 1e-5)
+    np.testing.assert_allclose(run(out, np.concatenate(x)), expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_predict_then_calibrate_pipeline():
+    torch.manual_seed(2)
+    module = TinyResNet()
+    model, _ = untie_aliases(export(module, torch.randn(2, 3, 16, 16)))
+    graph = convert(model)
+    rng = np.random.default_rng(0)
+    preds = {k: (rng.standard_normal(r.canonical_shape) * 0.3).astype(np.float32) for k, r in resolve_shared(graph).items()}
+    batches = calibration_batches()
+    out = calibrate_bn(write_predictions(model, graph, preds), batches, graph=graph)
+    state = module.state_dict()
+    state.update({k: torch.from_numpy(v) for k, v in preds.items()})
+    module.load_state_dict(state)
+    x = calibration_batches(seed=1, sizes=(4,))[0]
+    np.testing.assert_allclose(run(out, x), torch_out(torch_calibrate(module, batches), x), atol=1e-4, rtol=1e-4)
+
+
+def test_graph_restricts_calibration_to_its_bn_nodes(resnet):
+    _, model = resnet
+    full = convert(model)
+    only_bn0 = Graph([n for n in full.nodes if n.primitive is not Primitive.BN or n.name == "bn0.weight"],
+                     np.zeros((0, 2), np.int64))
+    out = calibrate_bn(model, calibration_batches(), graph=only_bn0)
+    assert not np.array_equal(stats(out, "bn0.running_var"), stats(model, "bn0.running_var"))
+    for bn in ("bn1", "bn2", "down_bn"):
+        np.testing.assert_array_equal(stats(out, f"{bn}.running_var"), stats(model, f"{bn}.running_var"))
+
+
+def test_bn_on_the_graph_input():
+    torch.manual_seed(3)
+    module = randomise_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)))
+    batches = calibration_batches()
+    out = calibrate_bn(export(module, torch.randn(2, 3, 16, 16)), batches)
+    data = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(stats(out, "0.running_mean"), data.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(stats(out, "0.running_var"), data.var(axis=(0, 2, 3)), rtol=1e-6)
+
+
+def test_fp16_statistics_stay_fp16():
+    torch.manual_seed(4)
+    module = randomise_bn(TinyResNet())
+    reference = torch_calibrate(module, calibration_batches())
+    out = calibrate_bn(export(copy.deepcopy(module).half(), torch.randn(2, 3, 16, 16).half()), calibration_batches())
+    var = stats(out, "down_bn.running_var")
+    assert var.dtype == np.float16
+    np.testing.assert_allclose(var, reference.down_bn.running_var.numpy(), rtol=3e-2)
+
+
+def test_calibration_needs_data(resnet):
+    with pytest.raises(GhnOnnxError, match="at least one batch"):
+        calibrate_bn(resnet[1], [])
+
+
+# -- batch statistics ----------------------------------------------------------------------------
+
+def test_batch_stats_model_equals_torch_train_mode(resnet):
+    module, model = resnet
+    out = batch_stats_model(model)
+    onnx.checker.check_model(out)
+    assert not any(n.op_type == "BatchNormalization" for n in out.graph.node)
+    assert not any("running" in t.name for t in out.graph.initializer)
+    x = calibration_batches(seed=5, sizes=(6,))[0]
+    with torch.no_grad():
+        expected = copy.deepcopy(module).train()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(out, x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("opset", [15, 18])
+@pytest.mark.parametrize("rank", [2, 4])
+def test_batch_stats_single_bn(opset, rank):
+    rng = np.random.default_rng(opset + rank)
+    model = bn_model(rng, rank=rank, opset=opset)
+    x = (rng.standard_normal((7, 4) + (5,) * (rank - 2)) * 3 + 2).astype(np.float32)
+    p = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+    expected = F.batch_norm(torch.from_numpy(x), p["m"].clone(), p["v"].clone(), p["s"], p["B"], training=True, eps=1e-3)
+    np.testing.assert_allclose(run(batch_stats_model(model), x), expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+# -- calibration data ----------------------------------------------------------------------------
+
+def test_npy_uint8_nhwc_and_nchw(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "nhwc.npy", images)
+    np.save(tmp_path / "nchw.npy", images.transpose(0, 3, 1, 2))
+    pick = np.random.default_rng(1).choice(10, 5, replace=False)
+    expected = ((images[pick] / 255.0 - np.array(CIFAR10_MEAN)) / np.array(CIFAR10_STD)).transpose(0, 3, 1, 2)
+    for name in ("nhwc.npy", "nchw.npy"):
+        x = load_calibration_data(tmp_path / name, (1, 3, 4, 5), n=5, seed=1)
+        assert x.shape == (5, 3, 4, 5) and x.dtype == np.float32
+        np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_npz_float_is_taken_as_is(tmp_path):
+    x = np.random.default_rng(0).standard_normal((6, 1, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", images=x, labels=np.arange(6))
+    out = load_calibration_data(tmp_path / "d.npz", (1, 4, 4), n=6, seed=0)
+    np.testing.assert_array_equal(np.sort(out.ravel()), np.sort(x.ravel()))
+    assert [b.shape[0] for b in iter_batches(out, 4)] == [4, 2]
+
+
+def write_pngs(root: Path, size=(5, 4)) -> list[np.ndarray]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(6):
+        img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = root / "train" / ("cat" if i % 2 else "dog") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+        images.append(img)
+    return images
+
+
+def test_image_folder_and_zip(tmp_path):
+    images = write_pngs(tmp_path / "folder")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as zf:
+        for p in sorted((tmp_path / "folder").rglob("*.png")):
+            zf.write(p, p.relative_to(tmp_path / "folder").as_posix())
+    from_dir = load_calibration_data(tmp_path / "folder", (3, 4, 5), n=6, seed=3, mean=(0, 0, 0), std=(1, 1, 1))
+    from_zip = load_calibration_data(tmp_path / "images.zip", (3, 4, 5), n=6, seed=3, mean=(0, 0, 0), std=(1, 1, 1))
+    np.testing.assert_array_equal(from_dir, from_zip)
+    got = sorted(tuple((x * 255).round().astype(np.uint8).transpose(1, 2, 0).ravel()) for x in from_dir)
+    assert got == sorted(tuple(i.ravel()) for i in images)
+
+
+def test_data_errors(tmp_path):
+    write_pngs(tmp_path)
+    with pytest.raises(GhnOnnxError, match="resizing is not supported"):
+        load_calibration_data(tmp_path, (3, 32, 32), n=2, seed=0)
+    with pytest.raises(GhnOnnxError, match="asked for 7"):
+        load_calibration_data(tmp_path, (3, 4, 5), n=7, seed=0)
+    with pytest.raises(GhnOnnxError, match="normalisation"):
+        load_calibration_data(tmp_path, (1, 4, 5), n=2, seed=0)
+    with pytest.raises(GhnOnnxError, match="fixed sizes"):
+        load_calibration_data(tmp_path, ("N", 3, "H", "W"), n=2, seed=0)
+
+
+@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not available")
+def test_cifar_zip_subset_is_seeded(resnet):
+    _, model = resnet
+    assert data_input(model)[0] == "x" and data_input(model)[2][1:] == (3, 16, 16)
+    a = load_calibration_data(CIFAR_ZIP, (3, 32, 32), n=16, seed=0)
+    b = load_calibration_data(CIFAR_ZIP, (3, 32, 32), n=16, seed=0)
+    c = load_calibration_data(CIFAR_ZIP, (3, 32, 32), n=16, seed=1)
+    assert a.shape == (16, 3, 32, 32)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert abs(float(a.mean())) < 1.0  # normalised

@@ -1,0 +1,357 @@
+"""Write-back of predicted parameters into ONNX files, and saving them safely."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+import ghn_onnx
+from ghn_onnx.converters import convert, load_model
+from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.storage import stored_tensors, untie_aliases
+from ghn_onnx.writeback import resolve_shared, save_model, shared_tensors, write_predictions
+from writeback_models import (TinyResNet, bf16_conv_model, export, matmul_model, randomise_bn, run,
+                                    transpose_matmul_model)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def random_predictions(graph, seed: int = 0, scale: float = 0.3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(ref.canonical_shape) * scale).astype(np.float32)
+            for name, ref in resolve_shared(graph).items()}
+
+
+def stored_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(stored_tensors(model)[name])
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    module = randomise_bn(TinyResNet())
+    model = export(module, torch.randn(2, 3, 16, 16))
+    return module, model, convert(model)
+
+
+def load_into(module: torch.nn.Module, predictions: dict[str, np.ndarray]) -> torch.nn.Module:
+    """PyTorch's layouts are the canonical ones and export keeps state-dict names."""
+    state = module.state_dict()
+    state.update({k: torch.from_numpy(v) for k, v in predictions.items()})
+    module.load_state_dict(state)
+    return module.eval()
+
+
+# -- values land where they were read from -----------------------------------------------------
+
+def test_resnet_predictions_match_torch(resnet):
+    module, model, graph = resnet
+    assert any(n.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in n.attribute)
+               for n in model.graph.node)
+    preds = random_predictions(graph)
+    assert {"conv0.weight", "bn0.weight", "bn0.bias", "fc.weight", "fc.bias"} <= set(preds)
+    out = write_predictions(model, graph, preds)
+    x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = load_into(copy.deepcopy(module), preds)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(out, x), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(stored_array(out, "fc.weight"), preds["fc.weight"])  # Gemm transB=1: as is
+
+
+def test_matmul_weight_stored_in_out(rng=np.random.default_rng(2)):
+    model = matmul_model(rng)
+    graph = convert(model)
+    preds = random_predictions(graph)
+    assert preds["W1"].shape == (5, 6) and preds["W2"].shape == (3, 5)  # canonical (out, in)
+    out = write_predictions(model, graph, preds)
+    np.testing.assert_array_equal(stored_array(out, "W1"), preds["W1"].T)
+    x = rng.standard_normal((7, 6)).astype(np.float32)
+    t = torch.from_numpy
+    expected = F.linear(torch.relu(F.linear(t(x), t(preds["W1"]), t(preds["b1"]))), t(preds["W2"]))
+    np.testing.assert_allclose(run(out, x), expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_transpose_then_matmul(rng=np.random.default_rng(3)):
+    model = transpose_matmul_model(rng)
+    graph = convert(model)
+    preds = random_predictions(graph)
+    out = write_predictions(model, graph, preds)
+    np.testing.assert_array_equal(stored_array(out, "W"), preds["W"])  # stored (out, in) already
+    x = rng.standard_normal((7, 6)).astype(np.float32)
+    expected = F.linear(torch.from_numpy(x), torch.from_numpy(preds["W"])).numpy()
+    np.testing.assert_allclose(run(out, x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_broadcast_bias_keeps_its_stored_shape(rng=np.random.default_rng(8)):
+    """Conv without bias, then ``Add`` of a ``(1, C, 1, 1)`` vector: predicted as ``(C,)``."""
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal((1, 4, 1, 1)).astype(np.float32), "b")
+    graph_proto = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), onnx.helper.make_node("Add", ["c", "b"], ["y"])],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])], [w, b])
+    model = onnx.helper.make_model(graph_proto, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    graph = convert(model)
+    preds = random_predictions(graph)
+    assert preds["b"].shape == (4,)
+    out = write_predictions(model, graph, preds)
+    assert stored_array(out, "b").shape == (1, 4, 1, 1)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(preds["W"]), torch.from_numpy(preds["b"]), padding=1)
+    np.testing.assert_allclose(run(out, x), expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_model():
+    torch.manual_seed(0)
+    module = randomise_bn(TinyResNet()).half()
+    model = export(module, torch.randn(2, 3, 16, 16).half())
+    graph = convert(model)
+    preds = random_predictions(graph)
+    out = write_predictions(model, graph, preds)
+    for name, value in preds.items():
+        stored = stored_array(out, name)
+        assert stored.dtype == np.float16
+        np.testing.assert_array_equal(stored, value.astype(np.float16))
+    x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    reference = load_into(module.float(), {k: v.astype(np.float16).astype(np.float32) for k, v in preds.items()})
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(out, x.astype(np.float16)).astype(np.float32), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_bf16_model_rounds_to_nearest_even(rng=np.random.default_rng(4)):
+    model = bf16_conv_model(rng)
+    graph = convert(model)
+    preds = random_predictions(graph)
+    # Ties: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7 (rounds to even: 1); 1 + 3*2^-8 to 1 + 2^-6.
+    preds["b"][:2] = [1 + 2**-8, 1 + 3 * 2**-8]
+    out = write_predictions(model, graph, preds)
+    const = next(n for n in out.graph.node if n.op_type == "Constant")
+    assert const.attribute[0].t.data_type == onnx.TensorProto.BFLOAT16
+    assert [t.name for t in out.graph.initializer] == ["b"]
+    for name in ("W", "b"):
+        stored = stored_array(out, name)
+        assert stored.dtype == ml_dtypes.bfloat16
+        torch_bits = torch.from_numpy(preds[name]).bfloat16().view(torch.int16).numpy()
+        np.testing.assert_array_equal(stored.view(np.int16), torch_bits)
+    assert stored_array(out, "b")[:2].astype(np.float32).tolist() == [1.0, 1 + 2**-6]
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    w, b = (torch.from_numpy(preds[k]).bfloat16().float() for k in ("W", "b"))
+    expected = F.conv2d(torch.from_numpy(x), w, b, padding=1).numpy()
+    np.testing.assert_allclose(run(out, x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_double_model(rng=np.random.default_rng(5)):
+    model = transpose_matmul_model(rng)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(stored_array(model, "W").astype(np.float64), "W"))
+    graph = convert(model)
+    preds = {"W": rng.standard_normal((4, 6))}
+    out = write_predictions(model, graph, preds)
+    assert stored_array(out, "W").dtype == np.float64
+    np.testing.assert_array_equal(stored_array(out, "W"), preds["W"])
+
+
+# -- everything else is untouched --------------------------------------------------------------
+
+def test_everything_else_byte_identical(resnet):
+    _, model, graph = resnet
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.doc_string = "a doc string"
+    model.metadata_props.add(key="author", value="someone")
+    model.metadata_props.add(key="ghn_onnx.stale", value="from an earlier run")
+    before = model.SerializeToString()
+    preds = random_predictions(graph)
+    del preds["fc.bias"]  # an unpredicted parameter keeps its value
+    out = write_predictions(model, graph, preds, metadata={"checkpoint_sha256": "abc", "bn": "calibrated"})
+    assert model.SerializeToString() == before  # input untouched
+
+    assert [t.name for t in out.graph.initializer] == [t.name for t in model.graph.initializer]
+    for old, new in zip(model.graph.initializer, out.graph.initializer):
+        if old.name in preds:
+            assert list(new.dims) == list(old.dims) and new.data_type == old.data_type
+        else:
+            assert new.SerializeToString() == old.SerializeToString()
+
+    def skeleton(m):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        for t in m.graph.initializer:
+            if t.name in preds:
+                t.ClearField("raw_data")
+        del m.metadata_props[:]
+        return m.SerializeToString()
+
+    assert skeleton(out) == skeleton(model)  # nodes, inputs, outputs, opset, IR version, producer...
+    assert out.ir_version == model.ir_version and list(out.opset_import) == list(model.opset_import)
+    meta = [(p.key, p.value) for p in out.metadata_props]
+    assert meta[0] == ("author", "someone")
+    assert dict(meta) == {
+        "author": "someone", "ghn_onnx.bn": "calibrated", "ghn_onnx.checkpoint_sha256": "abc",
+        "ghn_onnx.version": ghn_onnx.__version__,
+        "ghn_onnx.predicted_tensors": dict(meta)["ghn_onnx.predicted_tensors"],
+    }
+    listed = json.loads(dict(meta)["ghn_onnx.predicted_tensors"])
+    assert listed == {"count": len(preds), "names": [n for n in resolve_shared(graph) if n in preds]}
+
+    again = write_predictions(out, graph, preds)  # re-predicting replaces our keys only
+    assert {p.key for p in again.metadata_props} == {"author", "ghn_onnx.version", "ghn_onnx.predicted_tensors"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"conv0.weight": np.zeros((8, 3, 3, 2), np.float32)}, "canonical shape"),
+    ({"fc.bias": np.full(10, np.nan, np.float32)}, "non-finite"),
+    ({"fc.bias": np.full(10, np.inf, np.float32)}, "non-finite"),
+    ({"nope": np.zeros(3, np.float32)}, "does not have"),
+])
+def test_bad_predictions_raise(resnet, bad, message):
+    _, model, graph = resnet
+    with pytest.raises(GhnOnnxError, match=message):
+        write_predictions(model, graph, bad)
+
+
+def test_fp16_overflow_and_bad_metadata_raise():
+    torch.manual_seed(0)
+    model = export(torch.nn.Linear(4, 3).half(), torch.randn(2, 4).half())
+    graph = convert(model)
+    with pytest.raises(GhnOnnxError, match="overflow"):
+        write_predictions(model, graph, {"weight": np.full((3, 4), 1e5, np.float32)})
+    with pytest.raises(GhnOnnxError, match="set by ghn_onnx"):
+        write_predictions(model, graph, {}, metadata={"version": "1"})
+
+
+def test_shared_tensor_first_node_wins(rng=np.random.default_rng(6)):
+    """One initializer read by two MatMuls (tied weights): the first node's prediction is written."""
+    model = matmul_model(rng, d_in=5, d_hidden=5, d_out=5)
+    model.graph.node[3].input[1] = "W1"
+    model.graph.initializer.pop()  # W2 is gone; both layers read W1
+    graph = convert(model)
+    assert list(shared_tensors(graph)) == ["W1"]
+    owner = resolve_shared(graph)["W1"]
+    assert owner is graph.nodes[[n.name for n in graph.nodes].index("W1")].params[0]
+    preds = random_predictions(graph)
+    out = write_predictions(model, graph, preds)
+    np.testing.assert_array_equal(stored_array(out, "W1"), preds["W1"].T)
+
+
+def test_untie_aliases_gives_each_parameter_its_own_tensor():
+    """A fresh BN export reads every BN weight and running_var from one all-ones tensor."""
+    torch.manual_seed(0)
+    module = TinyResNet()
+    model = export(module, torch.randn(2, 3, 16, 16))
+    tied = convert(model)
+    assert shared_tensors(tied)  # e.g. bn1.weight is an Identity of bn0.weight
+    untied, names = untie_aliases(model)
+    assert "bn1.weight" in names and "bn0.running_var" in names
+    graph = convert(untied)
+    assert not shared_tensors(graph)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(run(untied, x), run(model, x), atol=1e-6)
+    preds = random_predictions(graph)
+    out = write_predictions(untied, graph, preds)
+    with torch.no_grad():
+        expected = load_into(module, preds)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run(out, x), expected, atol=1e-4, rtol=1e-4)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def predict_file(src: Path, dst: Path, **save_kw) -> onnx.ModelProto:
+    model = load_model(src)
+    graph = convert(model)
+    out = write_predictions(model, graph, random_predictions(graph), metadata={"checkpoint_sha256": "x"})
+    save_model(out, dst, source_path=src, **save_kw)
+    return out
+
+
+def test_predict_to_file_leaves_input_alone(resnet, tmp_path):
+    _, model, _ = resnet
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model, str(src))
+    digest = sha(src)
+    out = predict_file(src, tmp_path / "out.onnx")
+    assert sha(src) == digest
+    assert not (tmp_path / "out.onnx.data").exists()
+    onnx.checker.check_model(str(tmp_path / "out.onnx"))
+    x = np.ones((1, 3, 16, 16), np.float32)
+    np.testing.assert_array_equal(run(str(tmp_path / "out.onnx"), x), run(out, x))
+    with pytest.raises(GhnOnnxError, match="refusing to overwrite"):
+        save_model(out, tmp_path / "sub" / ".." / "in.onnx", source_path=src)
+    assert sha(src) == digest
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx"]
+
+
+def test_external_data_round_trip(resnet, tmp_path):
+    _, model, _ = resnet
+    src = tmp_path / "in.onnx"
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(src),
+                    save_as_external_data=True, location="in.onnx.data", size_threshold=1024)
+    digests = {p: sha(p) for p in (src, tmp_path / "in.onnx.data")}
+    dst = tmp_path / "out.onnx"
+    out = predict_file(src, dst, external_data=True)
+    first = {p: sha(p) for p in (dst, tmp_path / "out.onnx.data")}
+    predict_file(src, dst, external_data=True)  # again over the old output: same bytes, no appending
+    assert {p: sha(p) for p in first} == first
+    assert {p: sha(p) for p in digests} == digests
+    assert not os.path.samefile(tmp_path / "out.onnx.data", tmp_path / "in.onnx.data")
+    skeleton = onnx.load(str(dst), load_external_data=False)
+    locations = {e.value for t in skeleton.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"out.onnx.data"}
+    onnx.checker.check_model(str(dst))
+    x = np.ones((1, 3, 16, 16), np.float32)
+    np.testing.assert_array_equal(run(str(dst), x), run(out, x))
+    with pytest.raises(GhnOnnxError, match="refusing to overwrite"):  # "in.onnx.data" is the input's
+        save_model(out, tmp_path / "in.onnx", source_path=src, external_data=True)
+    with pytest.raises(GhnOnnxError, match="external data file"):  # data left behind in in.onnx.data
+        save_model(onnx.load(str(src), load_external_data=False), tmp_path / "other.onnx")
+    with pytest.raises(GhnOnnxError, match="does not exist"):
+        save_model(out, tmp_path / "missing" / "out.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "out.onnx", "out.onnx.data"]
+
+
+def test_output_is_deterministic(resnet, tmp_path):
+    _, model, graph = resnet
+    preds = random_predictions(graph)
+    a = write_predictions(model, graph, preds, metadata={"a": "1", "b": "2"})
+    b = write_predictions(model, graph, dict(reversed(list(preds.items()))), metadata={"b": "2", "a": "1"})
+    save_model(a, tmp_path / "a.onnx")
+    save_model(b, tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_interrupted_write_leaves_no_partial_file(resnet, tmp_path, monkeypatch, external):
+    _, model, graph = resnet
+    out = write_predictions(model, graph, random_predictions(graph))
+    dst = tmp_path / "out.onnx"
+    dst.write_bytes(b"previous model")
+    (tmp_path / "out.onnx.data").write_bytes(b"previous data")
+    real_save = onnx.save_model
+
+    def dies_midway(proto, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):  # external data: let it write, then truncate the file
+            real_save(proto, f, *args, **kwargs)
+            Path(f).write_bytes(Path(f).read_bytes()[:100])
+        else:
+            f.write(proto.SerializeToString()[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(out, dst, external_data=external)
+    assert dst.read_bytes() == b"previous model"
+    assert (tmp_path / "out.onnx.data").read_bytes() == b"previous data"
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
