@@ -1,0 +1,1 @@
+"""Small runnable examples (``python -m ghn_onnx.examples.<name> --help``)."""
