@@ -84,3 +84,150 @@ def _draw(graph: Graph, path: Path, fmt: str) -> None:
     except OSError as exc:
         raise click.ClickException(f"{path}: cannot write ({exc.strerror or exc})") from None
     click.echo(f"wrote {path}", err=True)
+
+
+# -- predict -------------------------------------------------------------------------------------
+
+def _load_ghn(checkpoint_path: Path | None, device: str):
+    from ghn_onnx.ghn import checkpoint
+
+    if checkpoint_path is None:
+        path = checkpoint.default_checkpoint()
+        if path is None:
+            raise InputError("no trained checkpoint ships with this version yet: pass --checkpoint "
+                             "GHN.safetensors (see `ghn-onnx train` and `ghn-onnx convert-checkpoint`)")
+        checkpoint_path = path
+    try:
+        ghn = checkpoint.load(checkpoint_path, device=device)
+    except GhnOnnxError as exc:
+        raise InputError(str(exc)) from None
+    return ghn, checkpoint_path
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    return device
+
+
+def _calibrator(data: Path, images: int, batch_size: int, seed: int):
+    """A ``calibrate(model, graph) -> (model, status)`` for :func:`ghn_onnx.predict.predict_files`."""
+    from ghn_onnx.calibration import calibrate_bn, data_input, iter_batches, load_calibration_data
+
+    def calibrate(model, graph):
+        _, _, shape = data_input(model)
+        x = load_calibration_data(data, shape, images, seed)
+        return calibrate_bn(model, iter_batches(x, batch_size), graph=graph), f"calibrated:{images}"
+
+    return calibrate
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("models", metavar="IN.onnx...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (one input only).")
+@click.option("-O", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: each input is written there under its own name.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="GHN checkpoint (.safetensors). Default: the checkpoint shipped with the package.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the GHN runs.")
+@click.option("--calibrate", "calibrate_data", type=click.Path(path_type=Path), default=None,
+              help="Calibrate BN running statistics on these images (folder, .zip, .npy/.npz).")
+@click.option("--calibration-images", type=int, default=512, show_default=True,
+              help="How many images to draw (at random) for calibration.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration subset.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, batch_size,
+            seed, as_json) -> None:
+    """Predict every supported parameter of each IN.onnx and write the model(s) back out.
+
+    All inputs go through the GHN together, in one batch. Each output keeps the input's
+    opset, names, inputs and unpredicted tensors; predicted tensors keep their layout and dtype.
+    BN running statistics are not predicted: pass --calibrate to measure them on images, or
+    evaluate with batch statistics. Inputs are never modified; outputs are written atomically.
+    """
+    from tqdm import tqdm
+
+    from ghn_onnx.ghn.checkpoint import file_sha256
+    from ghn_onnx.predict import predict_files
+
+    if (output is None) == (output_dir is None):
+        raise InputError("give exactly one of -o OUT.onnx (one input) or -O OUTDIR")
+    if output is not None and len(models) != 1:
+        raise InputError("-o takes one input; use -O OUTDIR for several")
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        outputs = [output_dir / m.name for m in models]
+    else:
+        outputs = [output]
+    ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
+    calibrate = _calibrator(calibrate_data, calibration_images, batch_size, seed) if calibrate_data else None
+    try:
+        results = predict_files(
+            models, outputs, ghn, metadata={"checkpoint_sha256": file_sha256(ckpt)}, calibrate=calibrate,
+            progress=lambda it: tqdm(it, desc="write", unit="model", disable=as_json or len(models) < 2),
+        )
+    except GhnOnnxError as exc:
+        raise InputError(str(exc)) from None
+    summary = [r.summary() for r in results]
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for s in summary:
+        click.echo(f"{s['name']} -> {s['output']}: {s['predicted_tensors']} tensors, "
+                   f"{s['predicted_elements']:,} parameters predicted; BN {s['bn']}")
+        for w in s["warnings"]:
+            click.echo(f"  warning: {w}", err=True)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", metavar="IN.onnx", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output file.")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Calibration images: a folder or .zip of images, or a .npy/.npz array.")
+@click.option("--images", type=int, default=512, show_default=True, help="How many images to draw at random.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size of the passes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the image subset.")
+def calibrate(model, output, data, images, batch_size, seed) -> None:
+    """Measure BN running statistics of IN.onnx on images and write them (nothing else changes)."""
+    from ghn_onnx.converters import load_model
+    from ghn_onnx.writeback import save_model
+
+    try:
+        m = load_model(model)
+        calibrated, _ = _calibrator(data, images, batch_size, seed)(m, None)
+        save_model(calibrated, output, source_path=model)
+    except GhnOnnxError as exc:
+        raise InputError(str(exc)) from None
+    click.echo(f"wrote {output} (BN statistics from {images} images)")
+
+
+@main.command("convert-checkpoint", epilog=EXIT_CODES_HELP)
+@click.argument("source", metavar="REFERENCE", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .safetensors checkpoint.")
+@click.option("--num-classes", type=int, default=None, help="Classes (default 10; .pt files carry their own).")
+@click.option("--spatial", type=int, default=None, help="s of max_shape (64, 64, s, s): 11 CIFAR-10, 16 ImageNet.")
+@click.option("--hid", type=int, default=None, help="Node state size (default 32).")
+def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
+    """Convert a reference GHN-2 state dict (ppuda key names: .npz arrays, or a ppuda .pt training
+    checkpoint read without executing code) to a ghn-onnx checkpoint.
+
+    For .npz the configuration is the GHN-2 CIFAR-10 one unless given; nothing is guessed from
+    key names, and every key and shape is checked against the configuration."""
+    from ghn_onnx.ghn import GHNConfig, checkpoint
+
+    given = {k: v for k, v in (("num_classes", num_classes), ("hid", hid)) if v is not None}
+    if spatial is not None:
+        given["max_shape"] = (64, 64, spatial, spatial)
+    try:
+        config = GHNConfig(**given) if (given or source.suffix == ".npz") else None
+        ghn = checkpoint.load_reference(source, config)
+        checkpoint.save(ghn, output, extra={"converted_from": source.name})
+    except GhnOnnxError as exc:
+        raise InputError(str(exc)) from None
+    click.echo(f"wrote {output} ({sum(p.numel() for p in ghn.parameters()):,} parameters, {ghn.config})")

@@ -122,3 +122,9 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def default_checkpoint() -> Path | None:
+    """The trained checkpoint shipped inside the package, if this version has one."""
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "ghn2_cifar10.safetensors"
+    return path if path.is_file() else None
