@@ -1,0 +1,1 @@
+"""Trained GHN checkpoints shipped with the package (safetensors with the config in the header)."""
