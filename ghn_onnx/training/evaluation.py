@@ -1,0 +1,107 @@
+"""Accuracy of predicted parameters, and the baselines they are compared with.
+
+Two BN modes (GHN2_FACTS §5.6): *batch statistics* (the paper's: every BN normalises with the
+statistics of the test batch of 64) and *calibrated* (running statistics measured on training
+images, then ordinary inference; what a deployment uses).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghn_onnx.datasets import BatchStream, ImageSet, normalize
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, params: dict[str, torch.Tensor] | None, data: ImageSet, batch_size: int = 64,
+             device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy with BN on batch statistics (the module in train mode, no state updated)."""
+    net = net.to(device)
+    was_training = net.training
+    _batch_stat_bn(net)
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x = normalize(data.images[start:start + batch_size]).to(device)
+        y = torch.as_tensor(data.labels[start:start + batch_size], device=device)
+        logits = torch.func.functional_call(net, params, (x,), strict=False) if params else net(x)
+        correct += int((logits.argmax(1) == y).sum())
+    net.train(was_training)
+    return correct / len(data)
+
+
+def _batch_stat_bn(net: nn.Module) -> None:
+    net.eval()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None  # normalise with the batch, update nothing
+
+
+def onnx_accuracy(model_bytes: bytes, data: ImageSet, batch_size: int = 64) -> float:
+    """Top-1 accuracy of an ONNX model in onnxruntime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x = normalize(data.images[start:start + batch_size]).numpy()
+        logits = sess.run(None, {name: x})[0]
+        correct += int((logits.argmax(1) == data.labels[start:start + batch_size]).sum())
+    return correct / len(data)
+
+
+def sgd_curve(net: nn.Module, train: ImageSet, test: ImageSet, checkpoints: Iterable[int], *,
+              params: dict[str, torch.Tensor] | None = None, lr: float = 0.025, batch_size: int = 64,
+              seed: int = 0, device: str | torch.device = "cpu") -> dict[int, float]:
+    """Train ``net`` with SGD (momentum 0.9, weight decay 3e-4, cosine to the last checkpoint,
+    gradient clip 5: the GHN-2 SGD protocol) from its current parameters, or from ``params``
+    (e.g. GHN-predicted) when given; accuracy on ``test`` at each step count in ``checkpoints``
+    (0 = before training)."""
+    torch.manual_seed(seed)
+    net = net.to(device)
+    if params:
+        with torch.no_grad():
+            own = dict(net.named_parameters())
+            for k, v in params.items():
+                if k in own:
+                    own[k].copy_(v)
+    marks = sorted(set(checkpoints))
+    total = max(marks) if marks else 0
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=3e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1))))
+    stream = BatchStream(train, batch_size, seed=seed)
+    out: dict[int, float] = {}
+    for step in range(total + 1):
+        if step in marks:
+            out[step] = accuracy(net, None, test, device=device)
+        if step == total:
+            break
+        net.train()
+        x, y = stream.next()
+        loss = F.cross_entropy(net(x.to(device)), y.to(device))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        sched.step()
+    return out
+
+
+def random_subset(data: ImageSet, n: int, seed: int) -> ImageSet:
+    """A random (not class-ordered) subset: the image-folder archive lists images class by class."""
+    if n >= len(data):
+        return data
+    return data.subset(np.sort(np.random.default_rng(seed).choice(len(data), n, replace=False)))
+
+
+def mean_and_sem(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
