@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ghn_onnx import kernels
 from ghn_onnx.batch import GraphBatch
 from ghn_onnx.ghn import fused_sweep
 from ghn_onnx.ghn.config import GHNConfig
@@ -57,7 +58,8 @@ class GHN(nn.Module):
         """Final node states ``(N, hid)`` for every node of the batch.
 
         ``sequential`` runs the reference loop. Otherwise, without autograd on CPU, the fused
-        compiled sweep runs; with autograd or on a GPU, the level-by-level PyTorch sweep."""
+        compiled sweep runs; without autograd on CUDA with Triton, the Triton kernel
+        (:mod:`ghn_onnx.kernels.message_passing`); otherwise the level-by-level PyTorch sweep."""
         device = self.embed.weight.device
         nodes = [n for g in batch.graphs for n in g.nodes]
         prim = torch.as_tensor(np.array([int(n.primitive) for n in nodes]), device=device)
@@ -67,6 +69,10 @@ class GHN(nn.Module):
             h = self.gnn.forward_sequential(h, batch)
         elif h.device.type == "cpu" and not torch.is_grad_enabled() and fused_sweep.available():
             h = fused_sweep.run(self.gnn, h, batch)
+        elif not torch.is_grad_enabled() and kernels.available(h.device, self.config.hid):
+            from ghn_onnx.kernels.message_passing import message_passing  # imports Triton
+
+            h = message_passing(self.gnn, h, batch)
         else:
             h = self.gnn(h, batch)
         return self.ln(h) if self.ln is not None else h

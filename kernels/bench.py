@@ -1,0 +1,166 @@
+"""Timings of the Triton kernels against the PyTorch paths they replace.
+
+    python -m ghn_onnx.kernels.bench [--device cuda] [--repeats 20]
+
+Case: a meta-batch of 8 DeepNets graphs (the five ghn2-parity DeepNets fixtures, the first three
+repeated, as ``bench/bench_predict.py``), random GHN-2 weights (speed does not depend on them).
+Each figure is the median of ``repeats`` runs after warm-up, synchronised on CUDA.
+
+* message passing: Triton kernel vs ``GatedGNN.forward_sequential`` (the reference loop) and
+  ``GatedGNN.forward`` (level by level); on CPU also the numba fused sweep;
+* decoding: :func:`~ghn_onnx.kernels.decode.decode_flat` vs ``GHN.decode``, and the bandwidth
+  bound of the decode: bytes of predicted parameters written / the device's copy bandwidth
+  (``2 · bytes / time`` of a large tensor copy, read plus write).
+
+On CPU the Triton timings are skipped (the interpreter's speed means nothing) and the result says
+so; the PyTorch timings still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ghn_onnx.batch import GraphBatch
+from ghn_onnx.ghn import GHN, GHNConfig
+from ghn_onnx.ghn import fused_sweep
+from ghn_onnx.graph import Graph
+
+DEEPNETS = ["deepnets_1", "deepnets_6", "deepnets_9", "deepnets_11", "deepnets_17", "deepnets_1", "deepnets_6",
+            "deepnets_9"]
+
+
+def parity_dir() -> Path:
+    """``$GHN_ONNX_SHARED/reference/ghn2-parity`` (default shared folder: ``<repo>/../shared``)."""
+    repo = Path(__file__).resolve().parents[1]
+    return Path(os.environ.get("GHN_ONNX_SHARED") or repo.parent / "shared") / "reference" / "ghn2-parity"
+
+
+def deepnets_graphs() -> list[Graph]:
+    from ghn_onnx.converters import convert_file
+
+    cache: dict[str, Graph] = {}
+    for name in DEEPNETS:
+        if name not in cache:
+            cache[name] = convert_file(parity_dir() / f"{name}.onnx")
+    return [cache[n] for n in DEEPNETS]
+
+
+def initial_states(ghn: GHN, batch: GraphBatch) -> torch.Tensor:
+    """``h0 = embed[primitive] + shape_enc(shape)`` ``(N, hid)``, where ``GHN.node_states`` starts."""
+    nodes = [n for g in batch.graphs for n in g.nodes]
+    device = ghn.embed.weight.device
+    prim = torch.as_tensor(np.array([int(n.primitive) for n in nodes]), device=device)
+    shape_ind = torch.as_tensor(np.array([ghn.shape_enc.indices(n.shape4d) for n in nodes]), device=device)
+    with torch.no_grad():
+        return ghn.embed(prim) + ghn.shape_enc(shape_ind)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in seconds, synchronising CUDA around each run."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 10) -> float:
+    """Bytes per second moved by a large device copy, counting the read and the write."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    return 2 * nbytes / median_time(lambda: b.copy_(a), device, repeats)
+
+
+def bench_kernels(device: str | torch.device = "cuda", graphs: list[Graph] | None = None,
+                  repeats: int = 20, seq_repeats: int = 3) -> dict:
+    """Time message passing and decoding on ``device``; see the module docstring.
+
+    Args:
+        device: where to run ("cuda" or "cpu").
+        graphs: the meta-batch (default: the 8 DeepNets fixture graphs).
+        repeats: runs per figure (median).
+        seq_repeats: runs of the slow sequential reference loop.
+
+    Returns:
+        A JSON-friendly dict: the case, ``message_passing`` and ``decode`` timings in seconds
+        (``None`` where skipped), the copy bandwidth and decode bound, and ``notes``.
+    """
+    device = torch.device(device)
+    graphs = graphs if graphs is not None else deepnets_graphs()
+    torch.manual_seed(0)
+    ghn = GHN(GHNConfig()).to(device).eval()
+    batch = ghn.batch(graphs)
+    h0 = initial_states(ghn, batch)
+    triton_ok = device.type == "cuda"
+    notes = [] if triton_ok else ["no CUDA device: Triton timings skipped (the interpreter's speed is meaningless)"]
+    out: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "graphs": [g.name for g in graphs],
+        "nodes": batch.n_nodes,
+        "edges_with_virtual": int(len(batch.edges)),
+        "levels": [len(batch.forward), len(batch.backward)],
+        "repeats": repeats,
+    }
+
+    with torch.no_grad():
+        mp = {
+            "sequential_s": median_time(lambda: ghn.gnn.forward_sequential(h0, batch), device, seq_repeats, 1),
+            "levels_s": median_time(lambda: ghn.gnn(h0, batch), device, repeats),
+            "numba_s": None,
+            "triton_s": None,
+        }
+        if device.type == "cpu" and fused_sweep.available():
+            mp["numba_s"] = median_time(lambda: fused_sweep.run(ghn.gnn, h0, batch), device, repeats)
+        if triton_ok:
+            from ghn_onnx.kernels.message_passing import message_passing
+
+            mp["triton_s"] = median_time(lambda: message_passing(ghn.gnn, h0, batch), device, repeats)
+            mp["triton_per_level_s"] = median_time(
+                lambda: message_passing(ghn.gnn, h0, batch, persistent=False), device, repeats)
+        out["message_passing"] = mp
+
+        h = ghn.gnn(h0, batch)
+        h = ghn.ln(h) if ghn.ln is not None else h
+        n_params = sum(p.numel for g in graphs for n in g.nodes for p in n.params)
+        bw = copy_bandwidth(device, nbytes=(1 << 28) if device.type == "cuda" else (1 << 26))
+        dec = {"torch_s": median_time(lambda: ghn.decode(h, batch), device, repeats),
+               "triton_s": None, "triton_fp16_s": None,
+               "params": n_params, "bytes_written_fp32": 4 * n_params,
+               "copy_bandwidth_GBps": bw / 1e9, "bound_fp32_s": 4 * n_params / bw}
+        if triton_ok:
+            from ghn_onnx.kernels.decode import decode_flat
+
+            dec["triton_s"] = median_time(lambda: decode_flat(ghn, h, batch), device, repeats)
+            dec["triton_fp16_s"] = median_time(lambda: decode_flat(ghn, h, batch, torch.float16), device, repeats)
+            dec["triton_GBps_written"] = 4 * n_params / dec["triton_s"] / 1e9
+        out["decode"] = dec
+    out["notes"] = notes
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to time on (default: cuda when available, else cpu)")
+    parser.add_argument("--repeats", type=int, default=20, help="runs per figure, median (default: 20)")
+    args = parser.parse_args(argv)
+    print(json.dumps(bench_kernels(args.device, repeats=args.repeats), indent=2))
+
+
+if __name__ == "__main__":
+    main()

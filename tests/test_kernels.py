@@ -1,0 +1,347 @@
+"""The Triton kernels against their PyTorch references, on fresh random GHN weights and graphs.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors. Triton reads
+``TRITON_INTERPRET`` when a ``@triton.jit`` function is defined, its own library functions
+(``tl.zeros``, ``tl.sigmoid``, ...) included, i.e. when Triton is first imported. So this file sets
+it before importing Triton; if another test module imported Triton earlier in this process (a full
+``pytest`` run: torch libraries import it), the kernel tests cannot run here and
+``test_kernels_in_fresh_process`` runs this file again in a fresh process instead. The interpreter
+costs milliseconds per program and per loop step: small graphs, large tiles. With CUDA (and the
+interpreter off) the same comparisons run compiled on the GPU: select them with ``-k cuda``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ghn_onnx import kernels  # noqa: E402
+from ghn_onnx.batch import GraphBatch  # noqa: E402
+from ghn_onnx.converters import convert_file  # noqa: E402
+from ghn_onnx.ghn import GHN, GHNConfig  # noqa: E402
+from ghn_onnx.ghn import checkpoint  # noqa: E402
+from ghn_onnx.ghn.parameters import tile  # noqa: E402
+from ghn_onnx.graph import Graph, Node, ParamRef  # noqa: E402
+from ghn_onnx.kernels import _common  # noqa: E402
+from ghn_onnx.kernels.bench import bench_kernels, initial_states  # noqa: E402
+from ghn_onnx.kernels.decode import decode_flat, decode_reference, split_flat, tile_reference  # noqa: E402
+from ghn_onnx.kernels.message_passing import (_sweep_kernel, message_passing,  # noqa: E402
+                                              message_passing_reference)
+from ghn_onnx.primitives import Primitive  # noqa: E402
+
+# Triton and our kernels were both set up in the mode this process runs the kernels in.
+IN_PROCESS = _common.interpreted(tl.sigmoid) == INTERPRET == _common.interpreted(_sweep_kernel)
+_ELSEWHERE = "Triton was imported before TRITON_INTERPRET was set: see test_kernels_in_fresh_process"
+
+DEVICES = [
+    pytest.param("cpu", id="cpu-interpreter", marks=[
+        pytest.mark.skipif(not INTERPRET, reason="CPU runs need TRITON_INTERPRET=1"),
+        pytest.mark.skipif(not IN_PROCESS, reason=_ELSEWHERE)]),
+    pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.skipif(not _CUDA or INTERPRET, reason="needs CUDA, interpreter off"),
+        pytest.mark.skipif(not IN_PROCESS, reason=_ELSEWHERE)]),
+]
+# Interpreter cost is per program and per loop step: big tiles on CPU, the defaults on a GPU.
+MP_BLOCKS = {"cpu": dict(block_nodes=64, block_edges=512), "cuda": {}}
+DEC_BLOCKS = {"cpu": dict(block_rows=32, block_cols=2048), "cuda": {}}
+RTOL, ATOL = 1e-5, 1e-5  # fp32: the same maths summed in another order
+
+
+# -- graphs -------------------------------------------------------------------------------------
+def _param(name: str, role: str, shape: tuple[int, ...]) -> ParamRef:
+    return ParamRef(name, role, shape, 1)
+
+
+def random_dag(n: int, seed: int, fan: int = 2, window: int = 20) -> Graph:
+    """``n`` nodes in topological order, each fed by 1..fan of the ``window`` nodes before it."""
+    rng = np.random.default_rng(seed)
+    edges = {(int(rng.integers(max(0, d - window), d)), d) for d in range(1, n)
+             for _ in range(int(rng.integers(1, fan + 1)))}
+    nodes = [Node(Primitive.INPUT, "input")]
+    nodes += [Node(Primitive.CONV, f"c{i}.weight", (8, 8, 3, 3), (_param(f"c{i}.weight", "weight", (8, 8, 3, 3)),))
+              for i in range(1, n)]
+    return Graph(nodes, np.array(sorted(edges)), name=f"dag{n}")
+
+
+def chain(specs: list[tuple[Primitive, str, tuple | None, int]]) -> Graph:
+    """A chain ``input → specs…``; a spec is ``(primitive, name, main shape, groups)``; norms get
+    a scale and a bias, biases a bias, weights a weight, pooling and shape-free nodes nothing."""
+    nodes = [Node(Primitive.INPUT, "input")]
+    for prim, name, shape, groups in specs:
+        if shape is None or prim in (Primitive.MAX_POOL, Primitive.AVG_POOL):
+            params = ()
+        elif prim in (Primitive.BN, Primitive.LN):
+            params = (_param(f"{name}.weight", "scale", shape), _param(f"{name}.bias", "bias", shape))
+        elif prim is Primitive.BIAS:
+            params = (_param(name, "bias", shape),)
+        else:
+            params = (_param(name, "weight", shape),)
+        nodes.append(Node(prim, name, shape, params, groups))
+    return Graph(nodes, np.array([(i, i + 1) for i in range(len(nodes) - 1)]), name="chain")
+
+
+def odd_shapes_graph() -> Graph:
+    """Channel counts that do not divide 64, 1×7 / 7×1 / depthwise / 16×16 kernels, a 2-D hidden
+    linear, positional encodings (4-D, and 3-D ``(1, T, C)``), and a 1000-class classifier."""
+    P = Primitive
+    return chain([
+        (P.CONV, "stem.weight", (10, 3, 3, 3), 1),
+        (P.BN, "stem.bn", (10,), 1),
+        (P.SEP_CONV, "dw.weight", (10, 1, 3, 3), 10),
+        (P.CONV, "c17.weight", (96, 10, 1, 7), 1),
+        (P.CONV, "c71.weight", (100, 96, 7, 1), 1),
+        (P.DIL_CONV, "dil.weight", (100, 1, 5, 5), 100),
+        (P.BN, "bn100", (100,), 1),
+        (P.MAX_POOL, "pool", (1, 1, 3, 3), 1),
+        (P.CONV, "patch.weight", (130, 100, 16, 16), 1),
+        (P.BIAS, "patch.bias", (130,), 1),
+        (P.POS_ENC, "pos", (1, 130, 11, 11), 1),
+        (P.SUM, "add", None, 1),
+        (P.POS_ENC, "tokens", (1, 50, 130), 1),
+        (P.SUM, "add2", None, 1),
+        (P.LN, "ln", (130,), 1),
+        (P.GLOB_AVG, "gap", None, 1),
+        (P.CONV, "fc1.weight", (96, 130), 1),
+        (P.BIAS, "fc1.bias", (96,), 1),
+        (P.CONV, "head.weight", (1000, 96), 1),
+        (P.BIAS, "head.bias", (1000,), 1),
+    ])
+
+
+def small_head_graph() -> Graph:
+    """A classifier with fewer classes (7) than the GHN's heads (10)."""
+    P = Primitive
+    return chain([(P.CONV, "conv.weight", (20, 3, 3, 3), 1), (P.GLOB_AVG, "gap", None, 1),
+                  (P.CONV, "fc.weight", (7, 20), 1), (P.BIAS, "fc.bias", (7,), 1)])
+
+
+def two_node_graph() -> Graph:
+    """The smallest graph with a parameter: input → conv."""
+    return chain([(Primitive.CONV, "w", (3, 3, 1, 1), 1)])
+
+
+def fresh_ghn(device: str, seed: int = 0, **config) -> GHN:
+    torch.manual_seed(seed)
+    return GHN(GHNConfig(**config)).to(device).eval()
+
+
+@pytest.fixture(scope="module")
+def parity(shared_dir):
+    d = shared_dir / "reference" / "ghn2-parity"
+    return {"dir": d, "ghn": checkpoint.load_reference(d / "ghn2_random_cifar10.npz").eval(), "graphs": {}}
+
+
+def fixture_graph(parity, name: str) -> Graph:
+    if name not in parity["graphs"]:
+        parity["graphs"][name] = convert_file(parity["dir"] / f"{name}.onnx")
+    return parity["graphs"][name]
+
+
+# -- message passing ----------------------------------------------------------------------------
+def _check_mp(ghn: GHN, batch: GraphBatch, device: str, **kw) -> None:
+    torch.manual_seed(1)
+    h = torch.randn(batch.n_nodes, ghn.config.hid, device=device)
+    expected = message_passing_reference(ghn.gnn, h, batch)
+    got = message_passing(ghn.gnn, h, batch, **{**MP_BLOCKS[device], **kw})
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert not torch.equal(got, h)
+
+
+def _widest_level(batch: GraphBatch) -> int:
+    return max(len(lv.nodes) for lv in batch.forward + batch.backward)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per-level"])
+def test_message_passing_small_batch(device, persistent):
+    """Graphs of 2, 17 and 40 nodes in one batch, both launch strategies, small tiles (several
+    tiles per level and several edge chunks per tile)."""
+    ghn = fresh_ghn(device)
+    batch = GraphBatch.build([random_dag(40, 0), two_node_graph(), random_dag(17, 1)])
+    assert _widest_level(batch) > 16  # some level spans two tiles
+    _check_mp(ghn, batch, device, persistent=persistent, block_nodes=16, block_edges=16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_message_passing_800_node_dag(device):
+    ghn = fresh_ghn(device, seed=2)
+    batch = GraphBatch.build([random_dag(800, 3, fan=3, window=400)])
+    assert _widest_level(batch) > 64 and len(batch.edges) > 30_000
+    _check_mp(ghn, batch, device, persistent=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_message_passing_deep_chain(device):
+    """64 levels each way, one node per level: state carried through every level."""
+    ghn = fresh_ghn(device, seed=3)
+    _check_mp(ghn, GraphBatch.build([random_dag(64, 4, fan=1, window=1)]), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_message_passing_without_virtual_edges(device):
+    ghn = fresh_ghn(device, seed=4, ve=False)
+    batch = GraphBatch.build([random_dag(60, 5, fan=3)], virtual=False)
+    _check_mp(ghn, batch, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_message_passing_fixture_graphs(device, parity):
+    """ResNet-18 and two DeepNets nets of the GHN-2 parity fixtures, one batch, from the real
+    initial states."""
+    ghn = parity["ghn"].to(device)
+    batch = ghn.batch([fixture_graph(parity, n) for n in ("resnet18", "deepnets_1", "deepnets_17")])
+    h0 = initial_states(ghn, batch)
+    expected = message_passing_reference(ghn.gnn, h0, batch)
+    got = message_passing(ghn.gnn, h0, batch, **MP_BLOCKS[device])
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    ghn.cpu()
+
+
+def test_message_passing_rejects_bad_input():
+    ghn = fresh_ghn("cpu")
+    batch = GraphBatch.build([random_dag(5, 0)])
+    with pytest.raises(ValueError, match="Expected h of shape"):
+        message_passing(ghn.gnn, torch.zeros(4, 32), batch)
+    with pytest.raises(ValueError, match="float32"):
+        message_passing(ghn.gnn, torch.zeros(5, 32, dtype=torch.float64), batch)
+    with pytest.raises(ValueError, match="power of two"):
+        message_passing(ghn.gnn, torch.zeros(5, 32), batch, block_nodes=8)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
+def test_kernels_in_fresh_process():
+    """This file again, in a process whose first Triton import sees TRITON_INTERPRET."""
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         cwd=repo, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1] and "skipped" in run.stdout
+
+
+def test_compiled_kernel_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="Expected a CUDA tensor"):
+        _common.check_kernel_device(torch.zeros(1), kernel=object())
+
+
+def test_available_needs_cuda_and_a_supported_size():
+    assert not kernels.available("cpu")
+    assert not kernels.available("cuda", hid=48)
+    assert kernels.available("cuda") == (importlib.util.find_spec("triton") is not None)
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_node_states_dispatch_uses_triton_on_cuda(device, parity):
+    """Without autograd on CUDA, GHN.node_states takes the Triton path: same states as the
+    level path (with autograd)."""
+    ghn = parity["ghn"].to(device)
+    batch = ghn.batch([fixture_graph(parity, "deepnets_6")])
+    with torch.no_grad():
+        fast = ghn.node_states(batch)
+    level = ghn.node_states(batch).detach()
+    torch.testing.assert_close(fast, level, rtol=RTOL, atol=ATOL)
+    ghn.cpu()
+
+
+# -- decoding -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("block, target", [
+    ((64, 64, 3, 3), (10, 3, 3, 3)), ((64, 64, 3, 3), (100, 130, 3, 3)), ((64, 64, 1, 7), (96, 10, 1, 7)),
+    ((64, 64, 7, 1), (100, 96, 7, 1)), ((64, 64, 3, 3), (100, 1, 3, 3)), ((64, 64, 11, 11), (5, 7, 16, 16)),
+    ((64, 64, 11, 11), (3, 200, 2, 5)), ((10, 64), (1000, 2048)), ((10, 64), (7, 3)), ((64,), (100,)),
+    ((64,), (3,)), ((64, 64, 5), (129, 2, 3)),
+])
+def test_tile_by_index_equals_tile(block, target):
+    """out[o,i,y,x] = block[o % min(bo,to), …]: repeats of the whole block, top-left spatial taps."""
+    b = torch.randn(block)
+    assert torch.equal(tile_reference(b, target), tile(b, target))
+
+
+def _check_decode(ghn: GHN, batch: GraphBatch, device: str, dtype=torch.float32) -> None:
+    torch.manual_seed(5)
+    h = torch.randn(batch.n_nodes, ghn.config.hid, device=device)
+    expected = decode_reference(ghn, h, batch)
+    flat, index = decode_flat(ghn, h, batch, dtype, **DEC_BLOCKS[device])
+    assert flat.dtype == dtype and flat.numel() == sum(int(np.prod(s)) for *_, s in index)
+    got = split_flat(flat, index, len(batch.graphs))
+    assert [g.keys() for g in got] == [e.keys() for e in expected]
+    tol = {torch.float32: dict(rtol=RTOL, atol=ATOL), torch.float16: dict(rtol=1e-3, atol=1e-5),
+           torch.bfloat16: dict(rtol=8e-3, atol=1e-5)}[dtype]
+    for g, e in zip(got, expected):
+        for name, value in e.items():
+            assert g[name].shape == value.shape, name
+            torch.testing.assert_close(g[name], value.to(dtype), **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_decode_odd_shapes(device, dtype):
+    ghn = fresh_ghn(device, seed=6)
+    batch = ghn.batch([odd_shapes_graph(), two_node_graph(), small_head_graph(), random_dag(12, 7)])
+    _check_decode(ghn, batch, device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_without_weight_norm_imagenet_shape(device):
+    """Raw decoder outputs (GHN-1 style), s = 16 and 1000 classes."""
+    ghn = fresh_ghn(device, seed=7, weight_norm=False, max_shape=(64, 64, 16, 16), num_classes=1000)
+    _check_decode(ghn, ghn.batch([odd_shapes_graph()]), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_fixture_graphs(device, parity):
+    ghn = parity["ghn"].to(device)
+    batch = ghn.batch([fixture_graph(parity, n) for n in ("mobilenet_v2", "deepnets_9", "deepnets_17")])
+    _check_decode(ghn, batch, device)
+    ghn.cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_flat_matches_ppuda_fixture(device, parity):
+    """End to end: states from the GHN, parameters from the kernel, values from ppuda."""
+    ghn = parity["ghn"].to(device)
+    graph = fixture_graph(parity, "deepnets_11")
+    batch = ghn.batch([graph])
+    with torch.no_grad():
+        h = ghn.node_states(batch)
+    flat, index = decode_flat(ghn, h, batch, **DEC_BLOCKS[device])
+    pred = split_flat(flat, index, 1)[0]
+    expected = np.load(parity["dir"] / "deepnets_11.expected.npz")
+    names = {k.split("::")[0] for k in expected.files}
+    assert set(pred) == names
+    for name in names:
+        v = pred[name].cpu().numpy().ravel()
+        if f"{name}::index" in expected.files:
+            v = v[expected[f"{name}::index"]]
+        np.testing.assert_allclose(v, expected[f"{name}::values"].ravel(), atol=1e-4, err_msg=name)
+    ghn.cpu()
+
+
+def test_decode_rejects_bad_input():
+    ghn = fresh_ghn("cpu")
+    batch = ghn.batch([two_node_graph()])
+    with pytest.raises(ValueError, match="Expected h of shape"):
+        decode_flat(ghn, torch.zeros(3, 32), batch)
+    with pytest.raises(ValueError, match="output dtype"):
+        decode_flat(ghn, torch.zeros(2, 32), batch, torch.float64)
+
+
+# -- benchmark ----------------------------------------------------------------------------------
+def test_bench_kernels_runs_on_cpu_and_says_triton_was_skipped():
+    result = bench_kernels("cpu", graphs=[random_dag(12, 0), odd_shapes_graph()], repeats=1, seq_repeats=1)
+    assert result["message_passing"]["triton_s"] is None and result["decode"]["triton_s"] is None
+    assert result["message_passing"]["levels_s"] > 0 and result["decode"]["torch_s"] > 0
+    assert result["decode"]["bound_fp32_s"] > 0
+    assert any("Triton timings skipped" in n for n in result["notes"])
