@@ -231,3 +231,47 @@ def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
     except GhnOnnxError as exc:
         raise InputError(str(exc)) from None
     click.echo(f"wrote {output} ({sum(p.numel() for p in ghn.parameters()):,} parameters, {ghn.config})")
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: checkpoints (ghn.safetensors, trainer.*) and logs (log.jsonl, val.jsonl).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="CIFAR-10: image folder / .zip (train/<class>/*.jpg) or cifar-10-batches-py. Default: download.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Total optimisation steps.")
+@click.option("--meta-batch", type=int, default=8, show_default=True, help="Networks per step.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per step (shared by all networks).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True, help="AdamW weight decay.")
+@click.option("--warmup", type=int, default=50, show_default=True, help="Linear warm-up steps (then cosine).")
+@click.option("--clip", type=float, default=5.0, show_default=True, help="Gradient norm clip.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the architecture and data streams.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Validate every N steps on held-out networks and images (0: never).")
+@click.option("--val-nets", type=int, default=20, show_default=True, help="Validation networks.")
+@click.option("--val-images", type=int, default=1000, show_default=True, help="Validation images (random subset).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup, clip, seed, device,
+          save_every, eval_every, val_nets, val_images, resume) -> None:
+    """Train a GHN-2 on CIFAR-10 over random DeepNets-like architectures.
+
+    Runs on CPU, one GPU (--device cuda, AMP on), or several processes with torchrun
+    (e.g. `torchrun --nproc-per-node 2 -m ghn_onnx.cli train ...`)."""
+    from ghn_onnx.training.run import train as run_train
+    from ghn_onnx.training.trainer import TrainConfig
+
+    cfg = TrainConfig(steps=steps, meta_batch=meta_batch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      warmup_steps=warmup, grad_clip=clip, seed=seed, save_every=save_every, eval_every=eval_every)
+    try:
+        run_train(out_dir, data, cfg, resume=resume, device=_check_device(device), val_nets=val_nets,
+                  val_images=val_images)
+    except GhnOnnxError as exc:
+        raise InputError(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

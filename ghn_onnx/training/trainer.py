@@ -131,7 +131,7 @@ class Trainer:
         self.counters["images"] += len(labels)
         self.counters["networks"] += cfg.meta_batch
         self.counters["wall_seconds"] += seconds
-        total = torch.tensor([float(loss) * self.world, correct, len(mine) * len(labels)])
+        total = torch.tensor([loss.item() * self.world, correct, len(mine) * len(labels)])
         if self.world > 1:
             dist.all_reduce(total)
         return {"step": self.step, "loss": float(total[0]) / self.world, "acc": float(total[1] / total[2]),
