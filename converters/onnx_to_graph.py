@@ -127,6 +127,9 @@ def _copy_counts(nodes, emissions, t) -> tuple[dict[str, int], dict[int, int]]:
         node_copies[id(node)] = n_copies
         uses = Counter(t.data_inputs(node))
         for name, k in uses.items():
+            # Only a primitive reading a tensor twice (Add(y, y)) shows a merged duplicate; a
+            # dropped op doing so is arithmetic on one tensor (x * x in a normalisation's variance).
+            k = k if em is not None else 1
             copies[name] = max(copies.get(name, 1), n_copies * k)
     return copies, node_copies
 
@@ -209,18 +212,29 @@ def _warnings(graph: Graph, model: onnx.ModelProto) -> list[str]:
 
 
 def bn_folding_evidence(graph: Graph, model: onnx.ModelProto) -> str | None:
-    """Why we think the exporter folded BatchNorm into the convolutions, or None."""
+    """Why we think the exporter folded BatchNorm into (some of) the convolutions, or None.
+
+    The exporter's own record counts even when other BatchNorms were kept (Keras via tf2onnx
+    folds a BN into a bias-free conv before it, but keeps one after a biased conv or a Dense as
+    ``Mul`` + ``Add``); the structural guess only when the graph has no normalisation at all.
+    """
+    fused = sum(1 for node in model.graph.node for prop in node.metadata_props if "FuseBatchNorm" in prop.value)
+    if fused:
+        return f"the exporter's optimiser ran FuseBatchNormIntoConv on {fused} node(s)"
+    folded = [n.name for n in graph.nodes if n.primitive is Primitive.BIAS and _folded_bn_name(n.name)]
+    if folded:
+        return (f"{len(folded)} convolution bias(es) named as a folded BatchNorm, e.g. {folded[0]!r} "
+                "(PyTorch '*.weight_bias', tf2onnx 'batchnorm/')")
     if any(n.primitive in NORM_PRIMITIVES for n in graph.nodes):
         return None
-    for node in model.graph.node:
-        for prop in node.metadata_props:
-            if "FuseBatchNorm" in prop.value:
-                return "the exporter's optimiser ran FuseBatchNormIntoConv"
-    names = [p.tensor for n in graph.nodes for p in n.params]
-    if any(name.endswith("weight_bias") or "batchnorm" in name.lower() for name in names):
-        return "parameter names such as '*.weight_bias' or 'batchnorm/'"
     convs = [i for i, n in enumerate(graph.nodes) if n.primitive in WEIGHT_PRIMITIVES and n.shape and len(n.shape) == 4]
     biased = [i for i in convs if i + 1 < len(graph.nodes) and graph.nodes[i + 1].primitive is Primitive.BIAS]
     if len(convs) >= 2 and len(biased) == len(convs):
         return "every convolution has a bias and there is no normalisation layer"
     return None
+
+
+def _folded_bn_name(name: str) -> bool:
+    """A bias an optimiser made out of a BatchNorm: the dynamo exporter's ``conv.weight_bias``,
+    tf2onnx's ``.../batch_normalization/batchnorm/sub``."""
+    return name.endswith("weight_bias") or "batchnorm/" in name.lower()

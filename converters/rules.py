@@ -9,12 +9,12 @@ casts, dropout, ...). Which ops are read at all is visible in :data:`RULES`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import onnx
 
+from ghn_onnx.converters.context import einsum_weight
 from ghn_onnx.converters.tensors import get_attr
 from ghn_onnx.graph import LayoutStep, Node
 from ghn_onnx.primitives import Primitive
@@ -108,14 +108,42 @@ def gemm(node, ctx) -> Emission | None:
 
 @rule("MatMul")
 def matmul(node, ctx) -> Emission | None:
+    if ctx.is_attention_product(node):
+        return _shape_free(node, ctx, Primitive.MSA)
     if not ctx.tensors.is_data(node.input[0]) or ctx.tensors.is_data(node.input[1]):
-        return None  # activation x activation (attention) or weight on the left: no layer here
+        return None  # activation x activation (q k^T) or weight on the left: no layer here
     w = ctx.tensors.stored(node.input[1])
     if w is None or len(w.layout.canonical_shape(w.shape)) != 2:
         return None
     # MatMul computes x @ W with W stored (in, out); the canonical linear weight is (out, in).
     return _weight_and_bias(ctx, node, node.input[1], None, Primitive.CONV,
                             (LayoutStep("transpose", (1, 0)),))
+
+
+@rule("Einsum")
+def einsum(node, ctx) -> Emission | None:
+    """``x . W`` with a stored ``W`` (Keras ``EinsumDense``, Flax ``LinearGeneral``): a linear
+    layer, canonically ``(out, in)``: W's output axes first, then its contracted axes, flattened
+    (``abc,cde->abde`` stores (in, heads, head_dim) -> (heads * head_dim, in)). An einsum of two
+    activations is attention's ``softmax @ v`` (msa) or nothing."""
+    if ctx.is_attention_product(node):
+        return _shape_free(node, ctx, Primitive.MSA)
+    found = einsum_weight(node, ctx.tensors)
+    if found is None:
+        return None
+    name, ew = found
+    st = ctx.tensors.stored(name)
+    steps: list[LayoutStep] = []
+    if ew.perm != tuple(range(len(ew.perm))):
+        steps.append(LayoutStep("transpose", ew.perm))
+    shape = tuple(st.layout.canonical_shape(st.shape)[p] for p in ew.perm)
+    if shape != (ew.out_features, ew.in_features):
+        steps.append(LayoutStep("reshape", (shape, (ew.out_features, ew.in_features))))
+    w = ctx.param_ref(name, "weight", tuple(steps))
+    if w is None:
+        return None
+    return Emission([Node(Primitive.CONV, w.tensor, w.canonical_shape, (w,))], ctx.data_inputs(node),
+                    claimed=[w.tensor])
 
 
 def _norm(node, ctx, primitive: Primitive, scale_input: str, bias_input: str | None,
@@ -146,6 +174,43 @@ def layer_norm(node, ctx) -> Emission | None:
     return _norm(node, ctx, Primitive.LN, node.input[1], node.input[2] if len(node.input) > 2 else None)
 
 
+@rule("InstanceNormalization", "GroupNormalization")
+def group_norm(node, ctx) -> Emission | None:
+    """Per-sample normalisations over channel groups are ``ln``: like LayerNorm they have no
+    running statistics, and GHN-3 reads ConvNeXt's channel LayerNorm as ``ln`` too. When the
+    affine follows as ``Mul`` + ``Add`` (torch's GroupNorm export: InstanceNormalization with a
+    unit scale on (N, groups, -1)), the ``ln`` node is read at that ``Add`` instead."""
+    if ctx.is_absorbed(node):
+        return None
+    return _norm(node, ctx, Primitive.LN, node.input[1], node.input[2] if len(node.input) > 2 else None)
+
+
+def _affine_norm(node, ctx) -> Emission | None:
+    """A BatchNorm or LayerNorm that the exporter wrote out as ``Mul`` + ``Add`` (see
+    :class:`~ghn_onnx.converters.context.AffineNorm`): one node whose scale is the ``Mul``'s
+    vector and whose shift is the ``Add``'s, both flattened to ``(C,)``."""
+    norm = ctx.affine_norm(node)
+    if norm is None:
+        return None
+    params = [_flat_vector(ctx, norm.scale, "scale")]
+    if norm.bias is not None:
+        params.append(_flat_vector(ctx, norm.bias, "bias"))
+    if any(p is None for p in params):
+        return None
+    scale = params[0]
+    return Emission([Node(norm.primitive, scale.tensor, scale.canonical_shape, tuple(params))],
+                    list(norm.inputs), claimed=[p.tensor for p in params] + list(norm.claimed))
+
+
+def _flat_vector(ctx, name: str, role: str):
+    """A stored vector as ``(numel,)``, whatever broadcast shape it is stored in ((1, C, 1, 1),
+    Keras GroupNorm's (1, 1, 1, groups, C / groups), ...)."""
+    st = ctx.tensors.stored(name)
+    shape = st.layout.canonical_shape(st.shape)
+    steps = () if len(shape) == 1 else (LayoutStep("reshape", (tuple(shape), (st.numel,))),)
+    return ctx.param_ref(name, role, steps)
+
+
 # -- parameter-free primitives -------------------------------------------------------------------
 
 def _pool(node, ctx, primitive: Primitive) -> Emission:
@@ -168,18 +233,35 @@ def _shape_free(node, ctx, primitive: Primitive, min_preds: int = 0) -> Emission
     return Emission([Node(primitive, node.name or node.output[0])], ctx.data_inputs(node), min_preds=min_preds)
 
 
-@rule("GlobalAveragePool", "ReduceMean")
+@rule("GlobalAveragePool", "ReduceMean", "ReduceSum")
 def global_average(node, ctx) -> Emission | None:
-    """A spatial mean is the network's global pooling, unless it squeezes an SE gate."""
-    if ctx.is_squeeze(node):
+    """A spatial mean is the network's global pooling, unless it squeezes an SE gate or is a
+    normalisation's statistic. JAX writes a mean as ``ReduceSum`` then a division by the count."""
+    if ctx.is_squeeze(node) or ctx.is_norm_statistic(node):
         return None
-    if node.op_type == "ReduceMean" and not ctx.is_spatial_mean(node):
+    if node.op_type != "GlobalAveragePool" and not ctx.is_spatial_mean(node):
+        return None
+    if node.op_type == "ReduceSum" and not _divided_by_a_constant(node, ctx):
         return None
     return _shape_free(node, ctx, Primitive.GLOB_AVG)
 
 
+def _divided_by_a_constant(node, ctx) -> bool:
+    """The sum's only use divides it by a stored scalar (or multiplies by one): a mean."""
+    consumers = ctx.tensors.consumers.get(node.output[0], [])
+    if len(consumers) != 1 or consumers[0].op_type not in ("Div", "Mul"):
+        return False
+    c = consumers[0]
+    other = [i for i in c.input if i != node.output[0]]
+    st = ctx.tensors.stored(other[0]) if len(other) == 1 else None
+    return st is not None and st.numel == 1 and (c.op_type == "Mul" or c.input[1] == other[0])
+
+
 @rule("Add", "Sum")
 def add(node, ctx) -> Emission | None:
+    norm = _affine_norm(node, ctx)
+    if norm is not None:
+        return norm
     data = ctx.data_inputs(node)
     if len(data) >= 2:
         return _shape_free(node, ctx, Primitive.SUM, min_preds=2)
@@ -194,6 +276,12 @@ def _added_parameter(node, ctx, data: str, static: str) -> Emission | None:
     st = ctx.tensors.stored(static)
     if st is None or st.numel <= 1:
         return None
+    if ctx.is_bias_free_layer_output(data) and st.numel == ctx.layer_out_features(data):
+        # A bias, also when stored per head: Keras' EinsumDense adds (heads, head_dim).
+        bias = _flat_vector(ctx, static, "bias")
+        if bias is not None:
+            return Emission([Node(Primitive.BIAS, bias.tensor, bias.canonical_shape, (bias,))], [data],
+                            claimed=[bias.tensor])
     if sum(1 for d in st.shape if d > 1) >= 2:  # varies over positions, not just channels
         pos = ctx.param_ref(static, "weight")
         if pos is None or len(pos.canonical_shape) > 4:
@@ -215,19 +303,17 @@ def concat(node, ctx) -> Emission:
 
 @rule("Mul")
 def mul(node, ctx) -> Emission | None:
+    norm = _affine_norm(node, ctx)  # a normalisation with a scale and no shift
+    if norm is not None:
+        return norm
     if ctx.is_cse(node):
         return _shape_free(node, ctx, Primitive.CSE)
     return None
 
 
-@rule("Softmax")
-def softmax(node, ctx) -> Emission | None:
-    if ctx.is_attention_softmax(node):
-        return _shape_free(node, ctx, Primitive.MSA)
-    return None
-
-
 @rule("Attention")
 def attention(node, ctx) -> Emission:
+    """The fused attention op (torch's SDPA at opset >= 23): msa reading q, k and v, as the
+    decomposed ``softmax(q k^T) @ v`` is read at its product (see ``matmul``)."""
     return _shape_free(node, ctx, Primitive.MSA)
 

@@ -21,6 +21,8 @@ SHAPE_ONLY_OPS = frozenset({
 })
 # Ops whose output describes a tensor's shape rather than its values.
 METADATA_OPS = frozenset({"Shape", "Size"})
+# Initializers up to this many elements (shapes, axes, scalars) keep their values for shape inference.
+SMALL_TENSOR = 64
 
 
 @dataclass(frozen=True)
@@ -210,20 +212,29 @@ def get_attr(node: onnx.NodeProto, name: str, default=None):
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Tensor ranks from ONNX shape inference, on a copy without the weights (so models over
-    2 GB work too). Missing entries just mean the rank is unknown."""
+    2 GB work too). Small initializers (target shapes, axes, scalars) keep their values: without
+    them a ``Reshape`` has no known rank, and neither has anything after it. Missing entries just
+    mean the rank is unknown."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
-    for t in skeleton.graph.initializer:
-        t.ClearField("raw_data")
-        t.ClearField("float_data")
-        t.ClearField("external_data")
-        t.data_location = onnx.TensorProto.DEFAULT
-    # An initializer without data would fail inference; keep them as typed graph inputs instead.
+    def small(t: onnx.TensorProto) -> bool:  # and held in the file itself, not in external data
+        return (int(np.prod(t.dims, dtype=np.int64)) <= SMALL_TENSOR
+                and t.data_location != onnx.TensorProto.EXTERNAL)
+
+    weights = [t for t in skeleton.graph.initializer if not small(t)]
+    kept = [t for t in skeleton.graph.initializer if small(t)]
+    # An initializer without data would fail inference; keep the weights as typed graph inputs.
     names = {i.name for i in skeleton.graph.input}
-    for t in model.graph.initializer:
+    for t in weights:
         if t.name not in names:
             skeleton.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    kept_copies = []
+    for t in kept:
+        c = onnx.TensorProto()
+        c.CopyFrom(t)
+        kept_copies.append(c)
     del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept_copies)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
     except Exception:  # inference is best effort: unknown ops or shapes only lose rank facts
