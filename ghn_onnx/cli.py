@@ -140,9 +140,12 @@ def _calibrator(data: Path, images: int, batch_size: int, seed: int):
               help="How many images to draw (at random) for calibration.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration subset.")
+@click.option("--unfold-bn", is_flag=True,
+              help="For BN-folded exports: predict as if a BN followed each folded conv, calibrate its "
+                   "statistics on --calibrate images, and write the folded conv weight and bias.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, batch_size,
-            seed, as_json) -> None:
+            seed, unfold_bn, as_json) -> None:
     """Predict every supported parameter of each IN.onnx and write the model(s) back out.
 
     All inputs go through the GHN together, in one batch. Each output keeps the input's
@@ -166,9 +169,25 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
         outputs = [output]
     ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
     calibrate = _calibrator(calibrate_data, calibration_images, batch_size, seed) if calibrate_data else None
+    metadata = {"checkpoint_sha256": file_sha256(ckpt)}
+    unfold = None
+    if unfold_bn:
+        from ghn_onnx.calibration import data_input, iter_batches, load_calibration_data
+        from ghn_onnx.unfold import predict_unfolded
+
+        if calibrate_data is None:
+            click.echo("warning: --unfold-bn without --calibrate: BN statistics are taken as mean 0, var 1; "
+                       "pass --calibrate IMAGES to measure them", err=True)
+
+        def unfold(model, graph):
+            batches = None
+            if calibrate_data is not None:
+                x = load_calibration_data(calibrate_data, data_input(model)[2], calibration_images, seed)
+                batches = list(iter_batches(x, batch_size))
+            return predict_unfolded(model, graph, ghn, batches, metadata)
     try:
         results = predict_files(
-            models, outputs, ghn, metadata={"checkpoint_sha256": file_sha256(ckpt)}, calibrate=calibrate,
+            models, outputs, ghn, metadata=metadata, calibrate=calibrate, unfold=unfold,
             progress=lambda it: tqdm(it, desc="write", unit="model", disable=as_json or len(models) < 2),
         )
     except GhnOnnxError as exc:

@@ -92,14 +92,30 @@ def predict_graphs(ghn: GHN, graphs: Sequence[Graph], reference: bool = False) -
     return out
 
 
+Unfolder = Callable[[onnx.ModelProto, Graph], "tuple[onnx.ModelProto, Graph, str]"]
+
+
 def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[str] | None = None,
-                   metadata: dict[str, str] | None = None, reference: bool = False) -> list[Prediction]:
-    """Predict the parameters of several models with one batched GHN pass."""
+                   metadata: dict[str, str] | None = None, reference: bool = False,
+                   unfold: Unfolder | None = None) -> list[Prediction]:
+    """Predict the parameters of several models with one batched GHN pass.
+
+    ``unfold(model, graph) -> (model, graph, bn status)`` handles BN-folded models instead (see
+    :func:`ghn_onnx.unfold.predict_unfolded`)."""
     names = list(names or [f"model_{i}" for i in range(len(models))])
     prepared = [prepare(m, n) for m, n in zip(models, names)]
-    params = predict_graphs(ghn, [g for _, g in prepared], reference)
+    folded = [unfold is not None and is_bn_folded(m, g) for m, g in prepared]
+    params = iter(predict_graphs(ghn, [g for (_, g), f in zip(prepared, folded) if not f], reference))
     results = []
-    for (model, graph), name, pred in zip(prepared, names, params):
+    for (model, graph), name, fold in zip(prepared, names, folded):
+        if fold:
+            out, ugraph, status = unfold(model, graph)
+            n = [p for node in ugraph.nodes for p in node.params if not p.tensor.endswith(("::bn.scale", "::bn.bias"))]
+            results.append(Prediction(name=name, model=out, graph=ugraph, predicted_tensors=len(n),
+                                      predicted_elements=int(sum(p.numel for p in n)), bn_status=status,
+                                      warnings=list(ugraph.warnings)))
+            continue
+        pred = next(params)
         status = bn_status(graph)
         meta = {**(metadata or {}), "bn": status}
         owners = resolve_shared(graph)
@@ -113,6 +129,12 @@ def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
     return results
 
 
+def is_bn_folded(model: onnx.ModelProto, graph: Graph) -> bool:
+    from ghn_onnx.unfold import folded_convs
+
+    return bool(folded_convs(model, graph))
+
+
 def predict(model: onnx.ModelProto, ghn: GHN, name: str = "model", metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     """``predict(model, ghn) -> onnx.ModelProto`` with every supported parameter predicted."""
     return predict_models([model], ghn, [name], metadata)[0].model
@@ -122,7 +144,7 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
                   metadata: dict[str, str] | None = None,
                   calibrate: Callable[[onnx.ModelProto, Graph], tuple[onnx.ModelProto, str]] | None = None,
                   progress: Callable[[Iterable], Iterable] = lambda it: it,
-                  reference: bool = False) -> list[Prediction]:
+                  reference: bool = False, unfold: Unfolder | None = None) -> list[Prediction]:
     """File to file. Inputs are only read; each output is written atomically (temp + rename).
 
     ``calibrate(model, graph) -> (model, status)`` is applied to each predicted model before it
@@ -135,11 +157,11 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
         raise GhnOnnxError("two inputs would be written to the same output file")
     t0 = time.perf_counter()
     models = [load_model(p) for p in inputs]
-    preds = predict_models(models, ghn, [Path(p).name for p in inputs], metadata, reference)
+    preds = predict_models(models, ghn, [Path(p).name for p in inputs], metadata, reference, unfold)
     share = (time.perf_counter() - t0) / max(len(preds), 1)
     for pred, src, dst in progress(list(zip(preds, inputs, outputs))):
         t1 = time.perf_counter()
-        if calibrate is not None and pred.bn_status != "none":
+        if calibrate is not None and pred.bn_status not in ("none",) and not pred.bn_status.startswith("unfolded"):
             pred.model, pred.bn_status = calibrate(pred.model, pred.graph)
             _set_bn_metadata(pred.model, pred.bn_status)
         save_model(pred.model, dst, source_path=src)
