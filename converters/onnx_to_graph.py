@@ -27,6 +27,7 @@ from ghn_onnx.converters.loading import check_supported, load_model
 from ghn_onnx.converters.rules import RULES, Emission
 from ghn_onnx.errors import UnsupportedModelError
 from ghn_onnx.graph import Graph, Node, topological_order
+from ghn_onnx.storage import topological_nodes
 from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 
 # Ops whose stored float inputs are configuration, not parameters.
@@ -52,7 +53,7 @@ def convert(model: onnx.ModelProto, name: str = "model") -> Graph:
     check_supported(model, name)
     ctx = ConversionContext(model)
     t = ctx.tensors
-    nodes = _topological_nodes(model, t)
+    nodes = topological_nodes(model.graph)
     emissions = {id(n): RULES[n.op_type](n, ctx) if n.op_type in RULES else None for n in nodes}
     copies, node_copies = _copy_counts(nodes, emissions, t)
 
@@ -100,19 +101,6 @@ def convert(model: onnx.ModelProto, name: str = "model") -> Graph:
         raise UnsupportedModelError(f"{name}: no parametrised layers a GHN can predict "
                                     f"(ops: {', '.join(sorted({n.op_type for n in nodes}))})")
     return graph
-
-
-def _topological_nodes(model: onnx.ModelProto, t) -> list[onnx.NodeProto]:
-    """ONNX requires topological order, but not every exporter honours it: sort defensively."""
-    nodes = list(model.graph.node)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    edges = [(index[id(t.producer[i])], index[id(n)]) for n in nodes for i in n.input
-             if i in t.producer and t.producer[i] is not n]
-    try:
-        order = topological_order(len(nodes), edges)
-    except ValueError:
-        raise UnsupportedModelError("the ONNX graph has a cycle") from None
-    return [nodes[i] for i in order]
 
 
 def _copy_counts(nodes, emissions, t) -> tuple[dict[str, int], dict[int, int]]:

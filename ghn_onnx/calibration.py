@@ -24,10 +24,10 @@ from ghn_onnx.batch_stats import batch_stats_model
 from ghn_onnx.calibration_data import (CIFAR10_MEAN, CIFAR10_STD, data_input, iter_batches,
                                        load_calibration_data)
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.graph import Graph, topological_order
+from ghn_onnx.graph import Graph
 from ghn_onnx.primitives import Primitive
-from ghn_onnx.storage import (cast_to_stored, consumer_counts, is_batch_norm, np_dtype, set_tensor_values,
-                              stored_tensors, unique_name)
+from ghn_onnx.storage import (alias_source, cast_to_stored, consumer_counts, is_batch_norm, np_dtype,
+                              set_tensor_values, stored_tensors, topological_nodes, unique_name)
 
 __all__ = ["calibrate_bn", "batch_stats_model", "load_calibration_data", "iter_batches", "data_input",
            "CIFAR10_MEAN", "CIFAR10_STD"]
@@ -154,7 +154,7 @@ def _own_statistics(model: onnx.ModelProto, graph: Graph | None) -> tuple[onnx.M
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    nodes = _topological(g)
+    nodes = topological_nodes(g)
     stored = stored_tensors(out)
     uses = consumer_counts(out)
     protected = {i.name for i in g.input} | {o.name for o in g.output}
@@ -172,7 +172,7 @@ def _own_statistics(model: onnx.ModelProto, graph: Graph | None) -> tuple[onnx.M
     for node in nodes:
         if not is_batch_norm(node) or len(node.input) < 5:
             continue
-        if wanted is not None and _trace_stored(node.input[1], stored, producer) not in wanted:
+        if wanted is not None and alias_source(node.input[1], stored, producer) not in wanted:
             continue
         values = [_static_value(node.input[k], stored, producer) for k in (3, 4)]
         if any(v is None for v in values):
@@ -203,18 +203,6 @@ def _own_statistics(model: onnx.ModelProto, graph: Graph | None) -> tuple[onnx.M
     return out, bns
 
 
-def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """ONNX asks for topological order but not every exporter keeps it: sort defensively."""
-    nodes = list(g.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    edges = [(producer[x], j) for j, n in enumerate(nodes) for x in n.input if x in producer]
-    try:
-        order = topological_order(len(nodes), edges)
-    except ValueError:
-        raise GhnOnnxError("the ONNX graph has a cycle") from None
-    return [nodes[i] for i in order]
-
-
 def _bn_levels(nodes: list[onnx.NodeProto]) -> dict[int, int]:
     """id(BN node) → number of BN nodes on the longest path from a graph input to it."""
     depth: dict[str, int] = {}
@@ -243,15 +231,6 @@ def _static_value(name: str, stored: dict, producer: dict) -> np.ndarray | None:
     for to in reversed(casts):
         value = value.astype(np_dtype(to))
     return value
-
-
-def _trace_stored(name: str, stored: dict, producer: dict) -> str | None:
-    while name not in stored:
-        node = producer.get(name)
-        if node is None or node.op_type not in ("Identity", "Cast") or not node.input:
-            return None
-        name = node.input[0]
-    return name
 
 
 def _prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:

@@ -31,11 +31,10 @@ from ghn_onnx.converters import convert, load_model
 from ghn_onnx.converters.tensors import StoredTensor
 from ghn_onnx.graph import Graph, Layout
 from ghn_onnx.primitives import Primitive
-from ghn_onnx.storage import FLOAT_TYPES, is_batch_norm, stored_tensors, untie_aliases
+from ghn_onnx.storage import FLOAT_TYPES, alias_source, is_batch_norm, stored_tensors, untie_aliases
 
 # Ops between a stored tensor and the BatchNorm input that reads it: exporters add Identity
 # nodes when they de-duplicate equal initializers, and Cast nodes for mixed precision.
-_ALIAS_OPS = frozenset({"Identity", "Cast"})
 
 
 @dataclass(frozen=True)
@@ -186,10 +185,9 @@ def batchnorm_statistics(model: onnx.ModelProto, stored: dict[str, StoredTensor]
         if not is_batch_norm(node):
             continue
         for name in node.input[3:5]:
-            while name and name not in stored and name in producer and producer[name].op_type in _ALIAS_OPS:
-                name = producer[name].input[0]
-            if name in stored:
-                names.append(name)
+            source = alias_source(name, stored, producer)
+            if source is not None:
+                names.append(source)
     return names
 
 

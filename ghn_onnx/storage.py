@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.graph import topological_order
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                          onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
@@ -145,3 +146,29 @@ def untie_aliases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     g.node.extend(keep)
     g.initializer.extend(new_inits)
     return out, untied
+
+
+ALIAS_OPS = frozenset({"Identity", "Cast"})
+
+
+def alias_source(name: str, stored, producer: dict[str, onnx.NodeProto]) -> str | None:
+    """The stored tensor that ``name`` reads through ``Identity`` / ``Cast`` nodes, or None."""
+    while name and name not in stored:
+        node = producer.get(name)
+        if node is None or node.op_type not in ALIAS_OPS or not node.input:
+            return None
+        name = node.input[0]
+    return name or None
+
+
+def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in topological order. ONNX asks for it but not every exporter keeps
+    it, so sort defensively (ties keep file order)."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    edges = [(producer[x], j) for j, n in enumerate(nodes) for x in n.input if x in producer and producer[x] != j]
+    try:
+        order = topological_order(len(nodes), edges)
+    except ValueError:
+        raise GhnOnnxError("the ONNX graph has a cycle") from None
+    return [nodes[i] for i in order]

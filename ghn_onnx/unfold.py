@@ -15,7 +15,7 @@ folding, every convolution with a bias that no norm follows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
