@@ -7,6 +7,9 @@ kept) and a meta-batch of 8 DeepNets graphs (the five ghn2-parity DeepNets fixtu
 three repeated). Both paths run in the same process, interleaved, on the same prebuilt graphs;
 the figure is the median of ``--repeats`` runs. GHN weights: the reference fixture
 ``ghn2_random_cifar10.npz`` (speed does not depend on the values).
+
+The full suite (throughput over generated networks, a training step, the write bound, the GPU
+kernels) is ``ghn-onnx bench``; see README.md.
 """
 
 from __future__ import annotations

@@ -292,5 +292,206 @@ def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup
         raise InputError(str(exc)) from None
 
 
+# -- bench ---------------------------------------------------------------------------------------
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--sizes: expected comma-separated integers >= 1 (got {value!r})")
+    return sizes
+
+
+def _sections(value: str) -> tuple[str, ...]:
+    from ghn_onnx.benchmarks import SECTIONS
+
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if not names or unknown:
+        raise InputError(f"--sections: expected names from {','.join(SECTIONS)} (got {value!r})")
+    return names
+
+
+@main.command(epilog=EXIT_CODES_HELP + " A section that fails is reported in the table and gives exit code 1.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the GHN runs; cuda adds the Triton kernel timings.")
+@click.option("--repeats", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Timed rounds of the latency forward; file to file runs repeats//3, throughput and "
+                   "training repeats//5 (at least 1). Medians; each round runs fast and reference in turn.")
+@click.option("--sizes", default="1,8,64,512", show_default=True,
+              help="Throughput batch sizes (generated networks), comma-separated.")
+@click.option("--distinct", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Architectures exported for the throughput batches (~0.5-1.5 s each); bigger batches "
+                   "re-use them at re-sampled widths.")
+@click.option("--reference-cap", type=float, default=60.0, show_default=True,
+              help="Seconds: skip the sequential reference at a batch size where one call is estimated to "
+                   "take longer (reported as 'not run').")
+@click.option("--meta-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Networks per training step.")
+@click.option("--train-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per training step.")
+@click.option("--sections", default="latency,throughput,train,kernels", show_default=True,
+              help="Which sections to run, comma-separated (kernels runs on cuda only).")
+@click.option("--model", "latency_model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Time this ONNX file in the latency section instead of the CIFAR ResNet-50.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated networks and GHN.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch intra-op threads (default: torch's choice, recorded in the output).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write every figure, the machine and versions as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table with machine, versions, date and command as Markdown.")
+def bench(device, repeats, sizes, distinct, reference_cap, meta_batch, train_batch_size, sections, latency_model,
+          seed, threads, json_path, markdown_path) -> None:
+    """Time parameter prediction: each fast path against the sequential reference, in one run.
+
+    Sections: latency (CIFAR ResNet-50: GHN forward with the graph prebuilt, file to file, and the
+    bound bytes written / copy bandwidth), throughput (batches of generated networks: networks/s
+    and parameters/s), train (one training step and the GHN's forward + backward) and, on cuda,
+    the Triton kernels. Progress goes to stderr; the table is printed last.
+    """
+    import shlex
+
+    from ghn_onnx.bench_report import format_table, to_markdown
+    from ghn_onnx.benchmarks import BenchConfig, BenchError, run_benchmarks
+
+    cfg = BenchConfig(device=_check_device(device), repeats=repeats, sizes=_int_list(sizes), distinct=distinct,
+                      reference_cap_s=reference_cap, meta_batch=meta_batch, train_batch_size=train_batch_size,
+                      sections=_sections(sections), latency_model=str(latency_model) if latency_model else None,
+                      seed=seed, threads=threads)
+    # Every option spelled out, so the recorded command reproduces the run whatever the defaults become.
+    command = shlex.join(
+        ["ghn-onnx", "bench", "--device", device, "--repeats", str(repeats), "--sizes", ",".join(map(str, cfg.sizes)),
+         "--distinct", str(distinct), "--reference-cap", f"{reference_cap:g}", "--meta-batch", str(meta_batch),
+         "--train-batch-size", str(train_batch_size), "--sections", ",".join(cfg.sections), "--seed", str(seed)]
+        + (["--threads", str(threads)] if threads else []) + (["--model", str(latency_model)] if latency_model else []))
+    try:
+        results = run_benchmarks(cfg, command=command, log=lambda m: click.echo(m, err=True))
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    except GhnOnnxError as exc:
+        raise InputError(str(exc)) from None
+    for path, text in ((json_path, lambda: json.dumps(results, indent=2)), (markdown_path, lambda: to_markdown(results))):
+        if path is not None:
+            try:
+                path.write_text(text())
+            except OSError as exc:
+                raise click.ClickException(f"{path}: cannot write ({exc.strerror or exc})") from None
+    click.echo(format_table(results))
+    if results["errors"]:
+        raise click.ClickException(f"failed sections: {', '.join(results['errors'])} (see the table)")
+
+
+# -- eval ----------------------------------------------------------------------------------------
+
+def _eval_steps(value: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        steps = (0,)
+    if any(s < 1 for s in steps):
+        raise InputError(f"--sgd-steps: expected comma-separated step counts >= 1 (got {value!r})")
+    return steps
+
+
+def _eval_models(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    return () if names == ("none",) else names
+
+
+@main.command("eval", epilog=EXIT_CODES_HELP)
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="GHN checkpoint (.safetensors). Default: the checkpoint shipped with the package.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="CIFAR-10: image folder / .zip (train/<class>/*.jpg) or cifar-10-batches-py. Default: download.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the whole result (every figure with its images, nets and seed) as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the text summary.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw accuracy vs SGD steps, random init vs GHN init, to this PNG (needs matplotlib).")
+@click.option("--test-images", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Random CIFAR-10 test images (seeded, random order; 10000 = all).")
+@click.option("--id-nets", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Held-out in-distribution architectures (200 available).")
+@click.option("--ood-nets", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Architectures per OOD split: wide, deep, dense, bnfree (50 available each).")
+@click.option("--sgd-steps", default="100,500", show_default=True,
+              help="Steps at which every training curve is measured, comma-separated.")
+@click.option("--finetune-steps", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Training budget for GHN init vs random init on generated architectures.")
+@click.option("--finetune-archs", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Generated ID architectures trained from both inits (0: none).")
+@click.option("--torchvision", "tv_models", default="resnet18,resnet50,mobilenet_v2", show_default=True,
+              help="torchvision models (32x32 variants) to predict and evaluate in both BN modes ('none': skip).")
+@click.option("--sgd-torchvision", default="resnet18", show_default=True,
+              help="torchvision models trained with SGD from random init ('none': skip; resnet50 is slow on CPU).")
+@click.option("--finetune-torchvision", default="none", show_default=True,
+              help="torchvision models also trained from the GHN's prediction (slow on CPU).")
+@click.option("--sgd-batch-size", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Images per SGD step.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Training images for calibrated BN statistics.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Test batch size: batch-statistics BN uses the statistics of each batch.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the test and calibration subsets, initialisations and SGD batches.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the GHN, generated nets and SGD run (onnxruntime runs on CPU).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads for torch and onnxruntime (0: their defaults). On a CPU that other "
+                   "processes keep busy, 1 is often several times faster.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id_nets, ood_nets, sgd_steps,
+                 finetune_steps, finetune_archs, tv_models, sgd_torchvision, finetune_torchvision,
+                 sgd_batch_size, calibration_images, batch_size, seed, device, threads, quiet) -> None:
+    """Evaluate a GHN checkpoint on CIFAR-10 against random-init and SGD baselines.
+
+    \b
+    1. Held-out generated architectures (ID, and OOD wide/deep/dense/bnfree), BN on
+       batch statistics at batch 64 as in GHN-2: mean ± standard error, every net's value.
+    2. torchvision models for 32x32, predicted through ONNX as `predict` does, in
+       onnxruntime with BN on batch statistics and calibrated; random init in both modes.
+    3. SGD curves from random init and from the GHN's prediction, same batches and budget.
+
+    Every figure carries the images, networks and seed that produced it. Progress goes to
+    stderr, the summary (or --json) to stdout.
+    """
+    from ghn_onnx.datasets import load_cifar10
+    from ghn_onnx.training.eval_plot import plot_curves
+    from ghn_onnx.training.eval_suite import EvalConfig, checkpoint_source, evaluate, format_summary, write_json
+
+    try:
+        cfg = EvalConfig(test_images=test_images, id_nets=id_nets, ood_nets=ood_nets,
+                         sgd_steps=_eval_steps(sgd_steps), finetune_steps=finetune_steps,
+                         finetune_archs=finetune_archs, torchvision=_eval_models(tv_models),
+                         sgd_torchvision=_eval_models(sgd_torchvision),
+                         finetune_torchvision=_eval_models(finetune_torchvision),
+                         sgd_batch_size=sgd_batch_size, calibration_images=calibration_images,
+                         batch_size=batch_size, seed=seed, device=_check_device(device), threads=threads)
+        ghn, ckpt = _load_ghn(checkpoint, cfg.device)
+        splits = load_cifar10(data)
+        result = evaluate(ghn, splits, cfg, source=checkpoint_source(ckpt),
+                          log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+    except GhnOnnxError as exc:
+        raise InputError(str(exc)) from None
+    if out_path is not None:
+        try:
+            write_json(result, out_path)
+        except OSError as exc:
+            raise click.ClickException(f"{out_path}: cannot write ({exc.strerror or exc})") from None
+        click.echo(f"wrote {out_path}", err=True)
+    if plot_path is not None:
+        try:
+            plot_curves(result, plot_path)
+        except GhnOnnxError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"{plot_path}: cannot write ({exc.strerror or exc})") from None
+        click.echo(f"wrote {plot_path}", err=True)
+    click.echo(json.dumps(result, indent=2) if as_json else format_summary(result))
+
+
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ import math
 from typing import Iterable
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,11 +45,21 @@ def _batch_stat_bn(net: nn.Module) -> None:
             m.running_mean = m.running_var = None  # normalise with the batch, update nothing
 
 
-def onnx_accuracy(model_bytes: bytes, data: ImageSet, batch_size: int = 64) -> float:
-    """Top-1 accuracy of an ONNX model in onnxruntime."""
+def onnx_accuracy(model: bytes | onnx.ModelProto, data: ImageSet, batch_size: int = 64, threads: int = 0) -> float:
+    """Top-1 accuracy of an ONNX model (serialized or a ``ModelProto``) in onnxruntime.
+
+    The batches are ``data`` in its order, ``batch_size`` at a time (the last may be smaller):
+    with batch-statistics BN (:func:`ghn_onnx.calibration.batch_stats_model`) the result depends
+    on them. ``threads`` sets onnxruntime's intra-op threads (0: its default). Worker threads do
+    not spin while idle, so a concurrent process keeps its CPU.
+    """
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.intra_op_num_threads = threads
+    data_bytes = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    sess = ort.InferenceSession(data_bytes, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     correct = 0
     for start in range(0, len(data), batch_size):
@@ -96,12 +107,18 @@ def sgd_curve(net: nn.Module, train: ImageSet, test: ImageSet, checkpoints: Iter
 
 
 def random_subset(data: ImageSet, n: int, seed: int) -> ImageSet:
-    """A random (not class-ordered) subset: the image-folder archive lists images class by class."""
-    if n >= len(data):
-        return data
-    return data.subset(np.sort(np.random.default_rng(seed).choice(len(data), n, replace=False)))
+    """``n`` images drawn without replacement (``numpy.random.default_rng(seed)``), **in the
+    drawn order**, or all of ``data`` shuffled when ``n >= len(data)``.
+
+    The order matters: the image-folder archive lists images class by class, and batch-statistics
+    BN normalises each batch of 64 with its own statistics, so batches in index order would hold
+    one class each (GHN-2 evaluates CIFAR-10's test batch, whose order is random, and shuffles
+    ImageNet with a fixed seed for this reason, GHN2_FACTS §5.6).
+    """
+    return data.subset(np.random.default_rng(seed).permutation(len(data))[:n])
 
 
 def mean_and_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (``std(ddof=1) / sqrt(n)``; 0 for one value)."""
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
