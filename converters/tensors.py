@@ -215,26 +215,22 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     2 GB work too). Small initializers (target shapes, axes, scalars) keep their values: without
     them a ``Reshape`` has no known rank, and neither has anything after it. Missing entries just
     mean the rank is unknown."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
     def small(t: onnx.TensorProto) -> bool:  # and held in the file itself, not in external data
         return (int(np.prod(t.dims, dtype=np.int64)) <= SMALL_TENSOR
                 and t.data_location != onnx.TensorProto.EXTERNAL)
 
-    weights = [t for t in skeleton.graph.initializer if not small(t)]
-    kept = [t for t in skeleton.graph.initializer if small(t)]
+    # Build the skeleton field by field: copying the whole model would copy every weight.
+    g = model.graph
+    skeleton = onnx.helper.make_model(
+        onnx.helper.make_graph(list(g.node), g.name, list(g.input), list(g.output),
+                               [t for t in g.initializer if small(t)], value_info=list(g.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
     # An initializer without data would fail inference; keep the weights as typed graph inputs.
     names = {i.name for i in skeleton.graph.input}
-    for t in weights:
-        if t.name not in names:
+    for t in g.initializer:
+        if not small(t) and t.name not in names:
             skeleton.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    kept_copies = []
-    for t in kept:
-        c = onnx.TensorProto()
-        c.CopyFrom(t)
-        kept_copies.append(c)
-    del skeleton.graph.initializer[:]
-    skeleton.graph.initializer.extend(kept_copies)
+    skeleton.functions.extend(model.functions)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
     except Exception:  # inference is best effort: unknown ops or shapes only lose rank facts

@@ -118,8 +118,14 @@ def untie_aliases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     Genuinely shared parameters (one initializer consumed directly by several nodes) stay shared.
 
     Returns:
-        a new model (the input is not modified) and the names that became initializers.
+        a new model and the names that became initializers; the input model itself, unmodified,
+        when there is nothing to untie.
     """
+    stored_in = stored_tensors(model)
+    inputs_in = {i.name for i in model.graph.input}
+    if not any(n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.input and n.input[0] in stored_in
+               and n.input[0] not in inputs_in and n.output[0] not in stored_in for n in model.graph.node):
+        return model, []  # nothing to untie: no copy (the model is still not modified)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph

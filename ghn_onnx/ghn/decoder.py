@@ -24,9 +24,16 @@ class ConvDecoder(nn.Module):
         )
         self.class_layer_predictor = nn.Sequential(nn.ReLU(), nn.Conv2d(self.out_ch, num_classes, 1))
 
-    def template(self, x: torch.Tensor) -> torch.Tensor:
-        """``(n, hid)`` → ``(n, 4·hid, s, s)``."""
-        return self.fc(x).view(len(x), self.template_ch, self.s, self.s)
+    def template(self, x: torch.Tensor, taps: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(n, hid)`` → ``(n, 4·hid, s, s)``, or only its top-left ``taps = (kh, kw)``:
+        ``(n, 4·hid, kh, kw)``, computed from just those output rows of the linear layer."""
+        if taps is None or taps == (self.s, self.s):
+            return self.fc(x).view(len(x), self.template_ch, self.s, self.s)
+        kh, kw = taps
+        lin = self.fc[0]
+        w = lin.weight.view(self.template_ch, self.s, self.s, -1)[:, :kh, :kw].reshape(-1, lin.in_features)
+        b = lin.bias.view(self.template_ch, self.s, self.s)[:, :kh, :kw].reshape(-1)
+        return torch.relu(torch.nn.functional.linear(x, w, b)).view(len(x), self.template_ch, kh, kw)
 
     def blocks(self, template: torch.Tensor, kh: int, kw: int, rows: int | None = None,
                cols: int | None = None) -> torch.Tensor:

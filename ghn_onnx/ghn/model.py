@@ -126,7 +126,9 @@ class GHN(nn.Module):
             for start in range(0, len(targets), chunk):
                 part = targets[start:start + chunk]
                 idx = torch.as_tensor([t.node for t in part], device=h.device)
-                blocks = self.decoder.blocks(self.decoder.template(h[idx]), kh, kw, rows, cols)
+                # The reference computes the whole s×s template; the fast path only its kh×kw taps.
+                template = self.decoder.template(h[idx], None if reference else (kh, kw))
+                blocks = self.decoder.blocks(template, kh, kw, rows, cols)
                 if is_cls:
                     blocks = self.decoder.classifier(blocks)  # (n, classes, in)
                 for t, block in zip(part, blocks):
@@ -150,10 +152,10 @@ class GHN(nn.Module):
         rows = self.decoder_1d(h[idx])  # (n, 2, max_ch)
         cls_rows = self.bias_class(rows)  # (n, 2, classes); only used by classifier biases
         wn = self.config.weight_norm
+        cls_bias = [classifier_nodes(g)[1] for g in batch.graphs]
         for k, t in enumerate(targets):
-            g = batch.graphs[t.graph]
-            node = g.nodes[t.local]
-            is_cls = t.local == classifier_nodes(g)[1]
+            node = batch.graphs[t.graph].nodes[t.local]
+            is_cls = t.local == cls_bias[t.graph]
             for p in node.params:
                 if node.primitive in NORM_PRIMITIVES and p.role == "scale":
                     v, norm = rows[k, 0], normalize_scale
