@@ -1,4 +1,5 @@
-# make demo: export a CIFAR ResNet-18 and inspect it; make test: run the test suite.
+# make demo: export a CIFAR ResNet-18, predict its parameters with the shipped GHN, calibrate BN,
+# evaluate against random init (CIFAR-10 from $GHN_ONNX_DATA or ../shared/data); make test: tests.
 # Both create .venv on first use; the stamp file keeps later runs from reinstalling
 # (it is redone when pyproject.toml changes).
 
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test
 
 demo: $(STAMP)
-	$(BIN)/python -m ghn_onnx.examples.export_resnet18 out/resnet18.onnx
+	$(BIN)/python -m ghn_onnx.examples.demo --out out
 	$(BIN)/ghn-onnx inspect out/resnet18.onnx --svg out/resnet18.svg
 
 test: $(STAMP)
