@@ -28,6 +28,7 @@ from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph import Graph
 from ghn_onnx.primitives import Primitive
 from ghn_onnx.storage import untie_aliases
+from ghn_onnx.unfold import folded_convs, is_virtual
 from ghn_onnx.writeback import resolve_shared, save_model, write_predictions
 
 # Graphs decoded together in one GHN call; bounds memory when predicting many files.
@@ -110,7 +111,7 @@ def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
     for (model, graph), name, fold in zip(prepared, names, folded):
         if fold:
             out, ugraph, status = unfold(model, graph)
-            n = [p for node in ugraph.nodes for p in node.params if not p.tensor.endswith(("::bn.scale", "::bn.bias"))]
+            n = [p for node in ugraph.nodes for p in node.params if not is_virtual(p)]
             results.append(Prediction(name=name, model=out, graph=ugraph, predicted_tensors=len(n),
                                       predicted_elements=int(sum(p.numel for p in n)), bn_status=status,
                                       warnings=list(ugraph.warnings)))
@@ -130,8 +131,6 @@ def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
 
 
 def is_bn_folded(model: onnx.ModelProto, graph: Graph) -> bool:
-    from ghn_onnx.unfold import folded_convs
-
     return bool(folded_convs(model, graph))
 
 

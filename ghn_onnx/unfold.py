@@ -29,6 +29,13 @@ from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 from ghn_onnx.storage import cast_to_stored, set_tensor_values, stored_tensors, unique_name
 
 BN_EPS = 1e-5
+# Names of the unfolded BNs' predictions: they stand for no tensor of the model.
+VIRTUAL_SUFFIXES = ("::bn.scale", "::bn.bias")
+
+
+def is_virtual(ref: ParamRef) -> bool:
+    """True for the ParamRefs of an unfolded BN (predicted, then folded; never written as such)."""
+    return ref.tensor.endswith(VIRTUAL_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,11 @@ def folded_convs(model: onnx.ModelProto, graph: Graph) -> list[FoldedConv]:
         nxt = graph.nodes[i + 1] if i + 1 < len(graph.nodes) else None
         if nxt is not None and nxt.primitive in NORM_PRIMITIVES:
             continue  # a norm follows: nothing was folded here
-        bias = nxt.params[0] if nxt is not None and nxt.primitive is Primitive.BIAS and len(conv.input) > 2 \
-            and index.stored(conv.input[2]) is not None and nxt.params[0].tensor == index.stored(conv.input[2]).name \
-            else None
+        stored_bias = index.stored(conv.input[2]) if len(conv.input) > 2 else None
+        bias = nxt.params[0] if (nxt is not None and nxt.primitive is Primitive.BIAS and stored_bias is not None
+                                 and nxt.params[0].tensor == stored_bias.name) else None
         w = graph.nodes[i].params[0]
-        out.append(FoldedConv(conv, w, bias, f"{w.tensor}::bn.scale", f"{w.tensor}::bn.bias"))
+        out.append(FoldedConv(conv, w, bias, *(w.tensor + s for s in VIRTUAL_SUFFIXES)))
     return out
 
 
@@ -114,12 +121,11 @@ def with_explicit_bn(model: onnx.ModelProto, folds: list[FoldedConv], prediction
     out = onnx.ModelProto()
     out.CopyFrom(model)
     taken = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
-    by_name = {id(n): n for n in out.graph.node}
-    convs = {tuple(n.output): n for n in out.graph.node if n.op_type == "Conv"}
+    fold_of = {tuple(f.conv.output): f for f in folds}
     new_nodes = []
     for node in out.graph.node:
         new_nodes.append(node)
-        f = next((f for f in folds if tuple(f.conv.output) == tuple(node.output)), None)
+        f = fold_of.get(tuple(node.output))
         if f is None:
             continue
         c = f.weight.canonical_shape[0]
@@ -135,7 +141,6 @@ def with_explicit_bn(model: onnx.ModelProto, folds: list[FoldedConv], prediction
                                           name=unique_name(f"{node.name or y}__bn", taken)))
     del out.graph.node[:]
     out.graph.node.extend(new_nodes)
-    del by_name, convs
     return out
 
 
