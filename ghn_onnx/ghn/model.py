@@ -15,18 +15,16 @@ from torch import nn
 
 from ghn_onnx import kernels
 from ghn_onnx.batch import GraphBatch
-from ghn_onnx.ghn import fused_sweep
+from ghn_onnx.ghn import flat_decode, fused_sweep, fused_tiling
 from ghn_onnx.ghn.config import GHNConfig
 from ghn_onnx.ghn.decoder import ConvDecoder, Decoder1D
+from ghn_onnx.ghn.flat_decode import TAPS_PER_CHUNK, classifier_nodes
 from ghn_onnx.ghn.gatedgnn import GatedGNN
 from ghn_onnx.ghn.parameters import (expand_tile, normalize_bias, normalize_scale, normalize_weight,
                                      tile, weight_scale)
 from ghn_onnx.ghn.shape_encoder import ShapeEncoder
 from ghn_onnx.graph import Graph
 from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
-
-# Decode at most this many kernel taps at once: bounds memory for big batches (~64 MB fp32).
-TAPS_PER_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -60,10 +58,7 @@ class GHN(nn.Module):
         ``sequential`` runs the reference loop. Otherwise, without autograd on CPU, the fused
         compiled sweep runs; without autograd on CUDA with Triton, the Triton kernel
         (:mod:`ghn_onnx.kernels.message_passing`); otherwise the level-by-level PyTorch sweep."""
-        device = self.embed.weight.device
-        nodes = [n for g in batch.graphs for n in g.nodes]
-        prim = torch.as_tensor(np.array([int(n.primitive) for n in nodes]), device=device)
-        shape_ind = torch.as_tensor(np.array([self.shape_enc.indices(n.shape4d) for n in nodes]), device=device)
+        prim, shape_ind = self._node_inputs(batch)
         h = self.embed(prim) + self.shape_enc(shape_ind)  # (N, hid)
         if sequential:
             h = self.gnn.forward_sequential(h, batch)
@@ -76,6 +71,19 @@ class GHN(nn.Module):
         else:
             h = self.gnn(h, batch)
         return self.ln(h) if self.ln is not None else h
+
+    def _node_inputs(self, batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Primitive ids ``(N,)`` and shape-vocabulary rows ``(N, 4)``, cached on the batch per
+        vocabulary and device (they depend on the graphs only)."""
+        device = self.embed.weight.device
+        key = (str(device), self.shape_enc.vocabulary_key())
+        cache = batch.__dict__.setdefault("_node_inputs", {})
+        if key not in cache:
+            nodes = [n for g in batch.graphs for n in g.nodes]
+            prim = np.array([int(n.primitive) for n in nodes], dtype=np.int64)
+            shape_ind = np.array([self.shape_enc.indices(n.shape4d) for n in nodes], dtype=np.int64).reshape(-1, 4)
+            cache[key] = torch.as_tensor(prim, device=device), torch.as_tensor(shape_ind, device=device)
+        return cache[key]
 
     def forward(self, batch: GraphBatch | list[Graph], sequential: bool = False) -> list[dict[str, torch.Tensor]]:
         """Predict every parameter of every graph.
@@ -91,6 +99,20 @@ class GHN(nn.Module):
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, h: torch.Tensor, batch: GraphBatch, reference: bool = False) -> list[dict[str, torch.Tensor]]:
         """Node states ``(N, hid)`` → per graph ``{tensor: canonical-shape tensor}``.
+
+        Without autograd (and not ``reference``) every tensor is written at once into one flat
+        buffer (:mod:`~ghn_onnx.ghn.flat_decode`: numba on CPU, Triton on CUDA); the tensors are
+        views of it. Otherwise :meth:`decode_tensors`, tensor by tensor. Same values.
+        """
+        if not reference and not torch.is_grad_enabled():
+            flat = self._decode_flat(h, batch)
+            if flat is not None:
+                return flat
+        return self.decode_tensors(h, batch, reference)
+
+    def decode_tensors(self, h: torch.Tensor, batch: GraphBatch,
+                       reference: bool = False) -> list[dict[str, torch.Tensor]]:
+        """:meth:`decode` in PyTorch ops, tensor by tensor (differentiable: the training path).
 
         ``reference`` does what GHN-2 does: decode full 64×64 blocks, tile, then normalise the
         tiled tensor. Otherwise (same values): decode only the block rows the target needs
@@ -119,6 +141,19 @@ class GHN(nn.Module):
         self._decode_weights(h, batch, weights, out, reference)
         self._decode_vectors(h, batch, vectors, out, reference)
         return out
+
+    def _decode_flat(self, h: torch.Tensor, batch: GraphBatch) -> list[dict[str, torch.Tensor]] | None:
+        """The inference path: numba store on CPU, Triton on CUDA; None where neither runs."""
+        if h.device.type == "cpu" and fused_tiling.available():
+            plan = flat_decode.decode_plan(self, batch, h.device)
+            flat, index = fused_tiling.store(flat_decode.decode_sources(self, h.float(), plan), plan), plan.index
+        elif kernels.available(h.device, self.config.hid):
+            from ghn_onnx.kernels.decode import decode_flat  # imports Triton
+
+            flat, index = decode_flat(self, h, batch)
+        else:
+            return None
+        return flat_decode.split_flat(flat, index, len(batch.graphs))
 
     def _decode_weights(self, h, batch, groups, out, reference: bool) -> None:
         for (kh, kw, rows, cols, is_cls), targets in sorted(groups.items()):
@@ -167,17 +202,6 @@ class GHN(nn.Module):
                 else:
                     v = expand_tile(norm(v[: p.canonical_shape[0]]) if wn else v, p.canonical_shape)
                 out[t.graph][p.tensor] = v
-
-
-def classifier_nodes(graph: Graph) -> tuple[int | None, int | None]:
-    """The classifier: the last weight node if it is a linear (2-D) weight, and its bias if that
-    is the node right after it. GHN-2 decodes these with its class heads."""
-    weights = [i for i, n in enumerate(graph.nodes) if n.primitive in WEIGHT_PRIMITIVES]
-    if not weights or len(graph.nodes[weights[-1]].shape) != 2:
-        return None, None
-    w = weights[-1]
-    b = w + 1 if w + 1 < len(graph.nodes) and graph.nodes[w + 1].primitive is Primitive.BIAS else None
-    return w, b
 
 
 def _as_rank(block: torch.Tensor, rank: int) -> torch.Tensor:

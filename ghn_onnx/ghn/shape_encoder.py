@@ -38,6 +38,10 @@ class ShapeEncoder(nn.Module):
         self.embed_spatial = nn.Embedding(len(self.spatial) + 1, hid // 4)
         self._cache: dict[Shape | None, tuple[int, int, int, int]] = {}
 
+    def vocabulary_key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """What :meth:`indices` depends on: the two vocabularies."""
+        return tuple(int(c) for c in self.channels), tuple(int(k) for k in self.spatial)
+
     def indices(self, shape4d: Shape | None) -> tuple[int, int, int, int]:
         """Vocabulary rows for one node's 4-D shape (``None`` → the dummy rows)."""
         if shape4d in self._cache:

@@ -1,0 +1,110 @@
+"""The CPU inference path: flat decoding with the numba store and the graph-parallel sweep,
+against the per-tensor PyTorch path (``GHN.decode_tensors``) and the sequential reference."""
+
+from __future__ import annotations
+
+import gc
+
+import numba
+import numpy as np
+import pytest
+import torch
+from ghn_graphs import fresh_ghn, odd_shapes_graph, random_dag, small_head_graph, two_node_graph
+
+from ghn_onnx.converters import convert_file
+from ghn_onnx.ghn import checkpoint, fused_sweep, fused_tiling
+from ghn_onnx.ghn.gatedgnn import GatedGNN
+
+
+def _assert_same_decode(ghn, batch, h) -> None:
+    with torch.no_grad():
+        got = ghn.decode(h, batch)
+        expected = ghn.decode_tensors(h, batch)
+    assert [g.keys() for g in got] == [e.keys() for e in expected]
+    for g, e in zip(got, expected):
+        for name, value in e.items():
+            assert g[name].shape == value.shape, name
+            torch.testing.assert_close(g[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("config", [{}, {"weight_norm": False, "max_shape": (64, 64, 16, 16), "num_classes": 1000}],
+                         ids=["ghn2-cifar", "raw-imagenet"])
+def test_flat_decode_equals_per_tensor_decode(config):
+    """Odd channel counts, 1×7 / 7×1 / depthwise / 16×16 kernels, positional encodings,
+    classifiers above and below the heads' size, tiny graphs."""
+    ghn = fresh_ghn("cpu", seed=11, **config)
+    batch = ghn.batch([odd_shapes_graph(), two_node_graph(), small_head_graph(), random_dag(12, 7)])
+    _assert_same_decode(ghn, batch, torch.randn(batch.n_nodes, ghn.config.hid, generator=torch.Generator().manual_seed(3)))
+
+
+def test_flat_decode_fixture_graphs_and_parity_values(shared_dir):
+    d = shared_dir / "reference" / "ghn2-parity"
+    ghn = checkpoint.load_reference(d / "ghn2_random_cifar10.npz").eval()
+    names = ["resnet18", "mobilenet_v2", "deepnets_9", "deepnets_17"]
+    batch = ghn.batch([convert_file(d / f"{n}.onnx") for n in names])
+    with torch.no_grad():
+        h = ghn.node_states(batch)
+    _assert_same_decode(ghn, batch, h)
+
+
+def test_decoder_weight_changes_reach_the_flat_path():
+    """Selected decoder rows are cached between calls; an in-place update must invalidate them."""
+    ghn = fresh_ghn("cpu", seed=12)
+    batch = ghn.batch([odd_shapes_graph()])
+    h = torch.randn(batch.n_nodes, ghn.config.hid)
+    _assert_same_decode(ghn, batch, h)
+    with torch.no_grad():
+        ghn.decoder.conv[2].weight.mul_(-2.0)
+        ghn.decoder.fc[0].bias.add_(0.5)
+    _assert_same_decode(ghn, batch, h)
+    ghn.load_state_dict(fresh_ghn("cpu", seed=13).state_dict())
+    _assert_same_decode(ghn, batch, h)
+
+
+def test_output_memory_is_reused_only_when_released():
+    ghn = fresh_ghn("cpu", seed=14)
+    batch = ghn.batch([odd_shapes_graph(), small_head_graph()])
+    h = torch.randn(batch.n_nodes, ghn.config.hid)
+    with torch.no_grad():
+        first = ghn.decode(h, batch)
+        kept = {k: v.clone() for k, v in first[0].items()}
+        held = first[0]["stem.weight"]
+        del first
+        second = ghn.decode(h + 1.0, batch)  # `held` still refers to the first buffer
+        assert held.data_ptr() != second[0]["stem.weight"].data_ptr()
+        assert torch.equal(held, kept["stem.weight"])
+        ptr = second[0]["stem.weight"].data_ptr()
+        del held, second
+        gc.collect()
+        third = ghn.decode(h, batch)  # nothing refers to the second buffer: reused
+        assert third[0]["stem.weight"].data_ptr() == ptr
+        for name, value in kept.items():
+            assert torch.equal(third[0][name], value), name
+    fused_tiling.OUTPUT.release()
+
+
+@pytest.mark.parametrize("ve", [True, False])
+def test_graph_parallel_sweep_matches_reference_for_any_thread_count(ve):
+    torch.manual_seed(15)
+    gnn = GatedGNN(32, ve=ve)
+    graphs = [random_dag(n, seed, fan=3) for seed, n in enumerate([40, 5, 1, 70, 23])]
+    ghn = fresh_ghn("cpu", seed=15, ve=ve)
+    batch = ghn.batch(graphs)
+    h0 = torch.randn(batch.n_nodes, 32)
+    with torch.no_grad():
+        expected = gnn.forward_sequential(h0, batch)
+    runs = []
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        runs.append(fused_sweep.run(gnn, h0, batch))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_parts_cover_every_graph_once():
+    ghn = fresh_ghn("cpu")
+    batch = ghn.batch([random_dag(n, n) for n in (30, 3, 12, 8, 50, 2, 2)])
+    ptr, ids = fused_sweep.graph_parts(batch, 3)
+    assert len(ptr) == 4 and sorted(ids.tolist()) == list(range(7))
+    assert np.all(np.diff(ptr) >= 1)
