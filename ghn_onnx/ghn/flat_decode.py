@@ -84,6 +84,18 @@ class WeightGroup:
 
 
 @dataclass
+class TapPass:
+    """Nodes whose template and hidden layer are computed together (same ``kh × kw`` taps, at
+    most ``TAPS_PER_CHUNK`` taps in all), and the runs of them that belong to each group:
+    ``(group, first member, count, first row in the pass)``."""
+
+    kh: int
+    kw: int
+    nodes: torch.Tensor
+    parts: list[tuple[WeightGroup, int, int, int]]
+
+
+@dataclass
 class DecodePlan:
     """Everything about a batch's decoding that does not depend on the node states.
 
@@ -92,6 +104,7 @@ class DecodePlan:
             graph in node order; tensor ``k`` is ``flat[offset : offset + numel].view(shape)``.
         total: elements of the flat output.
         groups: the weight groups and where their blocks go in the source buffer.
+        passes: the groups' members in passes over the decoder (see :class:`TapPass`).
         vec_nodes: ``(n_v,)`` nodes decoded by ``decoder_1d`` (rows at ``vec_off``, ``(n_v, 2, 64)``).
         cls_vec: ``(n_c,)`` positions in ``vec_nodes`` of classifier biases (``bias_class`` rows at
             ``cls_off``, ``(n_c, 2, num_classes)``).
@@ -103,6 +116,7 @@ class DecodePlan:
     index: list[tuple[int, str, int, tuple[int, ...]]]
     total: int
     groups: list[WeightGroup]
+    passes: list[TapPass]
     vec_nodes: torch.Tensor
     vec_off: int
     cls_vec: torch.Tensor
@@ -175,13 +189,37 @@ def _build_plan(ghn: "GHN", batch: GraphBatch, device: torch.device) -> DecodePl
               "w": lambda key, j: placed[key].src_off + j * placed[key].block_numel}
     meta = [_tensor_meta(starts[e.source[0]](*e.source[1:]), e, off) for e, (_, _, off, _) in zip(entries, index)]
     return DecodePlan(
-        index=index, total=total, groups=list(placed.values()),
+        index=index, total=total, groups=list(placed.values()), passes=_passes(list(placed.values()), device),
         vec_nodes=torch.as_tensor(vec_nodes, dtype=torch.int64, device=device), vec_off=vec_off,
         cls_vec=torch.as_tensor(cls_vec, dtype=torch.int64, device=device), cls_off=cls_off,
         src_numel=cls_off + len(cls_vec) * 2 * cfg.num_classes,
         meta=torch.as_tensor(np.array(meta, dtype=np.int64).reshape(-1, META), device=device),
         scale=torch.as_tensor([e.scale for e in entries], dtype=torch.float32, device=device),
     )
+
+
+def _passes(groups: list[WeightGroup], device: torch.device) -> list[TapPass]:
+    """Consecutive groups with the same taps share passes of at most ``TAPS_PER_CHUNK`` taps
+    (groups are sorted by taps first)."""
+    passes: list[TapPass] = []
+    nodes: list[torch.Tensor] = []
+    for g in groups:
+        taps = g.kh * g.kw
+        first = 0
+        while first < len(g.nodes):
+            p = passes[-1] if passes else None
+            rows = sum(c for *_, c, _ in p.parts) if p is not None else 0
+            if p is None or (p.kh, p.kw) != (g.kh, g.kw) or (rows + 1) * taps > TAPS_PER_CHUNK:
+                p, rows = TapPass(g.kh, g.kw, g.nodes[:0], []), 0
+                passes.append(p)
+                nodes.append([])
+            count = min(len(g.nodes) - first, max(1, TAPS_PER_CHUNK // taps - rows))
+            p.parts.append((g, first, count, rows))
+            nodes[-1].append(g.nodes[first:first + count])
+            first += count
+    for p, parts in zip(passes, nodes):
+        p.nodes = torch.cat(parts).to(device)
+    return passes
 
 
 def _weight_entry(cfg, n, node: int, is_cls: bool, groups: dict) -> _Entry:
@@ -255,21 +293,20 @@ def decode_sources(ghn: "GHN", h: torch.Tensor, plan: DecodePlan) -> torch.Tenso
     first = dec.conv[0]
     ch = dec.template_ch
     w_first = first.weight.view(first.out_channels, ch)
-    for g in plan.groups:
-        taps = g.kh * g.kw
-        w_fc, b_fc, w_last, b_last = _group_weights(dec, g.kh, g.kw, g.rows, g.cols)
-        chunk = max(1, TAPS_PER_CHUNK // taps)
-        for start in range(0, len(g.nodes), chunk):
-            nodes = g.nodes[start:start + chunk]
-            n = len(nodes)
-            template = F.relu(F.linear(h[nodes], w_fc, b_fc)).view(n * taps, ch)
-            hidden = F.relu(F.linear(template, w_first, first.bias))  # (n·taps, 8·hid)
+    for p in plan.passes:
+        taps = p.kh * p.kw
+        w_fc, b_fc = _tap_weights(dec, p.kh, p.kw)
+        template = F.relu(F.linear(h[p.nodes], w_fc, b_fc)).view(len(p.nodes) * taps, ch)
+        hidden = F.relu(F.linear(template, w_first, first.bias))  # (n·taps, 8·hid)
+        for g, start, n, row in p.parts:
+            w_last, b_last = _last_rows(dec, g.rows, g.cols)
+            x = hidden[row * taps:(row + n) * taps]
             dst = src[g.src_off + start * g.block_numel:][:n * g.block_numel]
             if g.is_cls:
-                blocks = F.linear(hidden, w_last, b_last).view(n, g.rows, g.cols, 1, 1)
+                blocks = F.linear(x, w_last, b_last).view(n, g.rows, g.cols, 1, 1)
                 dst.view(n, -1, g.cols).copy_(dec.classifier(blocks))
             else:
-                torch.addmm(b_last, hidden, w_last.t(), out=dst.view(n * taps, g.rows * g.cols))
+                torch.addmm(b_last, x, w_last.t(), out=dst.view(n * taps, g.rows * g.cols))
     if len(plan.vec_nodes):
         rows = ghn.decoder_1d(h[plan.vec_nodes])  # (n_v, 2, out)
         src[plan.vec_off:plan.cls_off].view_as(rows).copy_(rows)
@@ -279,34 +316,41 @@ def decode_sources(ghn: "GHN", h: torch.Tensor, plan: DecodePlan) -> torch.Tenso
     return src
 
 
-# Selected decoder weights kept per decoder: (kh, kw, rows, cols) → tensors; bounded.
+# Selected decoder weights kept per decoder, by what was selected; bounded.
 _WEIGHT_CACHE_ENTRIES = 64
 
 
-def _group_weights(dec, kh: int, kw: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-    """The ``fc`` rows of the top-left ``kh × kw`` taps, ordered (tap, channel) so that its
-    output is ``(n·taps, channels)``, and the ``rows × cols`` outputs of the last 1×1 conv.
-
-    Selecting them copies up to 4 MB per group, as much as the group's product for a small
-    group, so they are kept between calls while the weights stay the same (their storage and
-    in-place version counter)."""
-    fc, last = dec.fc[0], dec.conv[2]
-    key = (kh, kw, rows, cols)
-    stamp = tuple((p.data_ptr(), p._version) for p in (fc.weight, fc.bias, last.weight, last.bias))
-    cache = dec.__dict__.setdefault("_group_weights", {})
+def _cached(dec, key: tuple, params: tuple[torch.Tensor, ...], select) -> tuple[torch.Tensor, ...]:
+    """``select()`` (detached, contiguous), kept between calls while ``params`` stay the same
+    (their storage and in-place version counter): selecting the rows copies up to 4 MB, as much
+    as a small group's product."""
+    stamp = tuple((t.data_ptr(), t._version) for t in params)
+    cache = dec.__dict__.setdefault("_selected_weights", {})
     hit = cache.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    ch = dec.template_ch
-    w_fc = fc.weight.view(ch, dec.s, dec.s, -1)[:, :kh, :kw].permute(1, 2, 0, 3).reshape(-1, fc.in_features)
-    b_fc = fc.bias.view(ch, dec.s, dec.s)[:, :kh, :kw].permute(1, 2, 0).reshape(-1)
-    w_last = last.weight.view(dec.out_ch, dec.in_ch, -1)[:rows, :cols].reshape(rows * cols, -1)
-    b_last = last.bias.view(dec.out_ch, dec.in_ch)[:rows, :cols].reshape(-1)
-    weights = tuple(w.detach().contiguous() for w in (w_fc, b_fc, w_last, b_last))
+    value = tuple(w.detach().contiguous() for w in select())
     if len(cache) >= _WEIGHT_CACHE_ENTRIES:
         cache.pop(next(iter(cache)))
-    cache[key] = (stamp, weights)
-    return weights
+    cache[key] = (stamp, value)
+    return value
+
+
+def _tap_weights(dec, kh: int, kw: int) -> tuple[torch.Tensor, ...]:
+    """The ``fc`` rows of the top-left ``kh × kw`` taps, ordered (tap, channel) so that its
+    output is ``(n·taps, channels)``."""
+    fc, ch = dec.fc[0], dec.template_ch
+    return _cached(dec, ("taps", kh, kw), (fc.weight, fc.bias), lambda: (
+        fc.weight.view(ch, dec.s, dec.s, -1)[:, :kh, :kw].permute(1, 2, 0, 3).reshape(-1, fc.in_features),
+        fc.bias.view(ch, dec.s, dec.s)[:, :kh, :kw].permute(1, 2, 0).reshape(-1)))
+
+
+def _last_rows(dec, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """The ``rows × cols`` outputs (top-left of the 64×64 block) of the last 1×1 conv."""
+    last = dec.conv[2]
+    return _cached(dec, ("rows", rows, cols), (last.weight, last.bias), lambda: (
+        last.weight.view(dec.out_ch, dec.in_ch, -1)[:rows, :cols].reshape(rows * cols, -1),
+        last.bias.view(dec.out_ch, dec.in_ch)[:rows, :cols].reshape(-1)))
 
 
 def split_flat(flat: torch.Tensor, index: list, n_graphs: int | None = None) -> list[dict[str, torch.Tensor]]:
