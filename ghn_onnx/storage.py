@@ -9,6 +9,7 @@ tensor's name, dims, element type and position and only swaps its data.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 import numpy as np
@@ -22,8 +23,8 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                          onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 # Every field a TensorProto can hold its values in: cleared before the new raw_data is set, so a
 # tensor that was stored as float_data / int32_data (fp16, bf16) does not keep stale values.
-_DATA_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                "string_data", "raw_data")
+DATA_FIELDS = frozenset({"float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                         "string_data", "raw_data", "external_data", "data_location"})
 
 
 def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -52,8 +53,9 @@ def cast_to_stored(values: np.ndarray, elem_type: int, what: str) -> np.ndarray:
         raise GhnOnnxError(f"{what}: expected a float tensor (got ONNX element type "
                            f"{onnx.TensorProto.DataType.Name(elem_type)})")
     with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
-        out = np.asarray(values).astype(np_dtype(elem_type))
-    if not np.all(np.isfinite(out.astype(np.float64))):
+        out = np.asarray(values).astype(np_dtype(elem_type), copy=False)
+    # numpy's own floats test directly; bf16 (ml_dtypes) through float32, which holds it exactly
+    if not np.all(np.isfinite(out if out.dtype.kind == "f" else out.astype(np.float32))):
         raise GhnOnnxError(f"{what}: values overflow {onnx.TensorProto.DataType.Name(elem_type)} "
                            f"(max |value| {float(np.max(np.abs(values))):.4g})")
     return out
@@ -72,17 +74,15 @@ def set_tensor_values(tensor: onnx.TensorProto, values: np.ndarray) -> None:
         raise GhnOnnxError(f"{tensor.name!r}: expected stored shape {dims} (got {tuple(values.shape)})")
     if values.dtype != np_dtype(tensor.data_type):
         raise GhnOnnxError(f"{tensor.name!r}: expected dtype {np_dtype(tensor.data_type)} (got {values.dtype})")
-    new = numpy_helper.from_array(np.ascontiguousarray(values))
-    if new.data_type != tensor.data_type:  # from_array knows every float type we allow
-        raise GhnOnnxError(f"{tensor.name!r}: cannot encode {values.dtype} as "
-                           f"{onnx.TensorProto.DataType.Name(tensor.data_type)}")
-    for f in _DATA_FIELDS:
-        tensor.ClearField(f)
+    if sys.byteorder == "little":  # raw_data is little-endian: the array's bytes as they are
+        raw = np.ascontiguousarray(values).tobytes()
+    else:
+        raw = numpy_helper.from_array(np.ascontiguousarray(values)).raw_data
     # Inline data from now on: an external reference would point into the *input's* data file.
     # (ClearField rather than assigning DEFAULT: an unset field stays unset, byte for byte.)
-    tensor.ClearField("external_data")
-    tensor.ClearField("data_location")
-    tensor.raw_data = new.raw_data
+    for f in sorted(DATA_FIELDS):
+        tensor.ClearField(f)
+    tensor.raw_data = raw
 
 
 def is_batch_norm(node: onnx.NodeProto) -> bool:

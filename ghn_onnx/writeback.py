@@ -28,7 +28,7 @@ import onnx
 import ghn_onnx
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph import Graph, ParamRef
-from ghn_onnx.storage import cast_to_stored, set_tensor_values, stored_tensors
+from ghn_onnx.storage import DATA_FIELDS, cast_to_stored, np_dtype, set_tensor_values, stored_tensors
 
 METADATA_PREFIX = "ghn_onnx."
 # Keys this module writes itself; a caller's metadata may not override them.
@@ -91,8 +91,7 @@ def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping
                            f"{' ...' if len(unknown) > 5 else ''}")
     extra = _namespaced(metadata or {})
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy_without_data(model, set(predictions))
     stored = stored_tensors(out)
     written: list[str] = []
     for name, ref in owners.items():  # graph order: deterministic metadata
@@ -111,6 +110,34 @@ def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping
                                                  separators=(",", ":")),
     })
     return out
+
+
+def _copy_without_data(model: onnx.ModelProto, replaced: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the initializers named in ``replaced`` have no data yet
+    (everything else as it was): their data is about to be overwritten, and copying it costs
+    as much as writing it (a ResNet-50: 94 MB)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    _copy_fields(model.graph, out.graph, skip={"initializer"})
+    for t in model.graph.initializer:
+        if t.name in replaced:
+            _copy_fields(t, out.graph.initializer.add(), skip=DATA_FIELDS)
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    return out
+
+
+def _copy_fields(src, dst, skip: set[str] | frozenset[str]) -> None:
+    """Copy every set field of the message ``src`` into ``dst``, except those in ``skip``."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _to_stored(ref: ParamRef, value: np.ndarray) -> np.ndarray:
@@ -178,8 +205,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     if not out.parent.is_dir():
         raise GhnOnnxError(f"{out}: directory {out.parent} does not exist")
     _refuse_unloaded_external_data(model)
+    serialized = None
     if external_data is None:
-        external_data = _serialized_size(model) >= MAX_PROTOBUF_BYTES
+        serialized = _serialized_if_small(model)
+        external_data = serialized is None
 
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -199,8 +228,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             _fsync(tmp_data)
             os.replace(tmp_data, data_path)
         else:
-            with open(tmp_model, "wb") as f:
-                onnx.save_model(model, f, format="protobuf")
+            _write_bytes(tmp_model, serialized if serialized is not None else model.SerializeToString())
         _fsync(tmp_model)
         os.replace(tmp_model, out)
         _fsync_dir(out.parent)
@@ -213,8 +241,13 @@ def _refuse_overwriting_source(out: Path, data_path: Path, source_path) -> None:
     if source_path is None:
         return
     src = Path(source_path).resolve()
+    # The source's data files exist and lie under its directory: only an existing file there
+    # could be one, and only then is the source read again to list them.
+    at_risk = [p for p in (out, data_path) if p.resolve() == src or (p.is_file() and src.parent in p.resolve().parents)]
+    if not at_risk:
+        return
     protected = {src} | {p.resolve() for p in _external_data_files(src)}
-    for p in (out, data_path):
+    for p in at_risk:
         if p.resolve() in protected:
             raise GhnOnnxError(f"{p}: refusing to overwrite the input model's files "
                                f"(read from {source_path}); choose another output path")
@@ -242,11 +275,29 @@ def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
                            "external data file: load the model with its external data first")
 
 
-def _serialized_size(model: onnx.ModelProto) -> int:
+def _serialized_if_small(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None where they would reach protobuf's 2 GB limit (one pass: the
+    bytes are what gets written)."""
+    tensor_bytes = sum(_nbytes(t) for t in stored_tensors(model).values())
+    if tensor_bytes >= MAX_PROTOBUF_BYTES:  # a lower bound: no need to try
+        return None
     try:
-        return model.ByteSize()
-    except Exception:  # protobuf may refuse to even size a message over 2 GB
-        return MAX_PROTOBUF_BYTES
+        data = model.SerializeToString()
+    except Exception:  # protobuf refuses messages over 2 GB (its error types vary by backend)
+        return None
+    return data if len(data) < MAX_PROTOBUF_BYTES else None
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    try:
+        return int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _fsync(path: Path) -> None:

@@ -4,6 +4,7 @@ and gives bitwise-identical outputs for identical inputs."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ghn_onnx import writeback
 from ghn_onnx.converters import load_model
 from ghn_onnx.errors import CheckpointError, GhnOnnxError
 from ghn_onnx.ghn import GHN, GHNConfig, checkpoint
@@ -61,10 +63,11 @@ def test_interrupted_write_leaves_no_partial_output(parity_dir, ghn, tmp_path, m
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous result")
 
-    def boom(*args, **kwargs):
+    def boom(path, data):  # interrupted half way through the write
+        Path(path).write_bytes(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx, "save_model", boom)
+    monkeypatch.setattr(writeback, "_write_bytes", boom)
     with pytest.raises(KeyboardInterrupt):
         predict_files([parity_dir / "deepnets_17.onnx"], [out], ghn)
     assert out.read_bytes() == b"previous result"

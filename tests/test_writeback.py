@@ -20,6 +20,7 @@ import ghn_onnx
 from ghn_onnx.converters import convert, load_model
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.storage import stored_tensors, untie_aliases
+from ghn_onnx import writeback
 from ghn_onnx.writeback import resolve_shared, save_model, shared_tensors, write_predictions
 from writeback_models import (TinyResNet, bf16_conv_model, export, matmul_model, randomise_bn, run,
                                     transpose_matmul_model)
@@ -315,6 +316,8 @@ def test_external_data_round_trip(resnet, tmp_path):
     np.testing.assert_array_equal(run(str(dst), x), run(out, x))
     with pytest.raises(GhnOnnxError, match="refusing to overwrite"):  # "in.onnx.data" is the input's
         save_model(out, tmp_path / "in.onnx", source_path=src, external_data=True)
+    with pytest.raises(GhnOnnxError, match="refusing to overwrite"):  # the output is the input's data file
+        save_model(out, tmp_path / "in.onnx.data", source_path=src)
     with pytest.raises(GhnOnnxError, match="external data file"):  # data left behind in in.onnx.data
         save_model(onnx.load(str(src), load_external_data=False), tmp_path / "other.onnx")
     with pytest.raises(GhnOnnxError, match="does not exist"):
@@ -341,15 +344,17 @@ def test_interrupted_write_leaves_no_partial_file(resnet, tmp_path, monkeypatch,
     (tmp_path / "out.onnx.data").write_bytes(b"previous data")
     real_save = onnx.save_model
 
-    def dies_midway(proto, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):  # external data: let it write, then truncate the file
-            real_save(proto, f, *args, **kwargs)
-            Path(f).write_bytes(Path(f).read_bytes()[:100])
-        else:
-            f.write(proto.SerializeToString()[:100])
+    def dies_midway(proto, f, *args, **kwargs):  # external data: let it write, then truncate
+        real_save(proto, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])
+        raise OSError("disk full")
+
+    def dies_writing(path, data):  # inline: the first bytes, then the disk fills
+        Path(path).write_bytes(data[:100])
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", dies_midway)
+    monkeypatch.setattr(writeback, "_write_bytes", dies_writing)
     with pytest.raises(OSError, match="disk full"):
         save_model(out, dst, external_data=external)
     assert dst.read_bytes() == b"previous model"
