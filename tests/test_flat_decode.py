@@ -80,6 +80,15 @@ def test_output_memory_is_reused_only_when_released():
         assert third[0]["stem.weight"].data_ptr() == ptr
         for name, value in kept.items():
             assert torch.equal(third[0][name], value), name
+        del third
+        fused_tiling.OUTPUT.max_bytes = 1024  # smaller than this output: not kept
+        try:
+            fused_tiling.OUTPUT.release()
+            fourth = ghn.decode(h, batch)
+            del fourth
+            assert fused_tiling.OUTPUT._buf is None
+        finally:
+            fused_tiling.OUTPUT.max_bytes = 1 << 30
     fused_tiling.OUTPUT.release()
 
 

@@ -62,11 +62,13 @@ class OutputBuffer:
     94 MB, that is slower than writing the parameters), so like PyTorch's CUDA caching
     allocator this keeps the last buffer. It is reused only when every tensor of the previous
     result is gone (the numpy array's reference count: the tensors and their views hold it);
-    otherwise a new one is allocated and the old one is left to its users. At most one buffer is
-    kept; :meth:`release` drops it.
+    otherwise a new one is allocated and the old one is left to its users. At most one buffer of
+    at most ``max_bytes`` is kept (beyond that, first touch is a small part of the work);
+    :meth:`release` drops it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
         self._buf: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -77,8 +79,10 @@ class OutputBuffer:
                 return self._buf[:n]
             # numpy asks the kernel for transparent huge pages on large buffers (torch does not):
             # one page fault per 2 MB instead of per 4 KB
-            self._buf = np.empty(max(n, 1), dtype=np.float32)
-            return self._buf[:n]
+            buf = np.empty(max(n, 1), dtype=np.float32)
+            if buf.nbytes <= self.max_bytes:
+                self._buf = buf
+            return buf[:n]
 
     def release(self) -> None:
         with self._lock:

@@ -89,7 +89,7 @@ class GHN(nn.Module):
         """Predict every parameter of every graph.
 
         Returns, per graph, ``{tensor name: tensor in canonical shape}`` (fp32, on the GHN's
-        device, differentiable).
+        device; differentiable with autograd on, views of one buffer without it).
         """
         if not isinstance(batch, GraphBatch):
             batch = self.batch(batch)
