@@ -140,13 +140,14 @@ if numba is not None:
                 for i in range(p1):
                     out[d + i] = _normalised(src[s_off + i * s1], mode, f)
             elif p2 == t2 and p3 == t3 and mode == 0:  # kernels no larger than the decoder's
-                k = d
-                for i in range(p1):
-                    for y in range(t2):
-                        base = s_off + i * s1 + y * s2
-                        for x in range(t3):
-                            out[k + x] = src[base + x * s3] * f
-                        k += t3
+                # tap by tap: a contiguous run of source values to every t2·t3-th output
+                t23 = t2 * t3
+                for y in range(t2):
+                    for x in range(t3):
+                        sb = s_off + y * s2 + x * s3
+                        db = d + y * t3 + x
+                        for i in range(p1):
+                            out[db + i * t23] = src[sb + i * s1] * f
             else:
                 k = d
                 for i in range(p1):
