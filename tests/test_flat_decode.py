@@ -81,14 +81,14 @@ def test_output_memory_is_reused_only_when_released():
         for name, value in kept.items():
             assert torch.equal(third[0][name], value), name
         del third
-        fused_tiling.OUTPUT.max_bytes = 1024  # smaller than this output: not kept
+        cap, fused_tiling.OUTPUT.max_bytes = fused_tiling.OUTPUT.max_bytes, 1024  # under this output
         try:
             fused_tiling.OUTPUT.release()
             fourth = ghn.decode(h, batch)
             del fourth
             assert fused_tiling.OUTPUT._buf is None
         finally:
-            fused_tiling.OUTPUT.max_bytes = 1 << 30
+            fused_tiling.OUTPUT.max_bytes = cap
     fused_tiling.OUTPUT.release()
 
 
