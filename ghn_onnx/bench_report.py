@@ -124,7 +124,7 @@ def kernel_rows(k: dict) -> list[Row]:
             Row("kernel message passing, per level", "ms", _ms(mp, "triton_per_level_s"), seq * 1e3,
                 _div(seq, mp.get("triton_per_level_s")))]
     rows.append(Row("kernel decode fp32", "ms", _ms(dec, "triton_s"), dec["torch_s"] * 1e3,
-                    _div(dec["torch_s"], dec["triton_s"]), f"reference: GHN.decode; {_count(dec['params'])} params"))
+                    _div(dec["torch_s"], dec["triton_s"]), f"reference: GHN.decode_tensors; {_count(dec['params'])} params"))
     rows.append(Row("kernel decode fp16", "ms", _ms(dec, "triton_fp16_s"), dec["torch_s"] * 1e3,
                     _div(dec["torch_s"], dec["triton_fp16_s"])))
     rows.append(Row("kernel decode bound", "ms", dec["bound_fp32_s"] * 1e3,

@@ -9,6 +9,8 @@ written back exactly where and how they were read.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
@@ -102,7 +104,7 @@ class ParamRef:
     dtype: int
     layout: Layout = Layout()
 
-    @property
+    @functools.cached_property  # frozen: computed once (the decoder plans read it per tensor)
     def canonical_shape(self) -> Shape:
         return self.layout.canonical_shape(self.stored_shape)
 
@@ -134,7 +136,7 @@ class Node:
     params: tuple[ParamRef, ...] = ()
     groups: int = 1
 
-    @property
+    @functools.cached_property  # frozen: computed once
     def shape4d(self) -> Shape | None:
         return to_4d(self.shape) if self.shape is not None else None
 

@@ -8,7 +8,8 @@ Each figure is the median of ``repeats`` runs after warm-up, synchronised on CUD
 
 * message passing: Triton kernel vs ``GatedGNN.forward_sequential`` (the reference loop) and
   ``GatedGNN.forward`` (level by level); on CPU also the numba fused sweep;
-* decoding: :func:`~ghn_onnx.kernels.decode.decode_flat` vs ``GHN.decode``, and the bandwidth
+* decoding: :func:`~ghn_onnx.kernels.decode.decode_flat` vs ``GHN.decode_tensors`` (tensor by
+  tensor in PyTorch; ``GHN.decode`` itself takes the flat path without autograd), and the bandwidth
   bound of the decode: bytes of predicted parameters written / the device's copy bandwidth
   (``2 · bytes / time`` of a large tensor copy, read plus write).
 
@@ -138,7 +139,7 @@ def bench_kernels(device: str | torch.device = "cuda", graphs: list[Graph] | Non
         h = ghn.ln(h) if ghn.ln is not None else h
         n_params = sum(p.numel for g in graphs for n in g.nodes for p in n.params)
         bw = copy_bandwidth(device, nbytes=(1 << 28) if device.type == "cuda" else (1 << 26))
-        dec = {"torch_s": median_time(lambda: ghn.decode(h, batch), device, repeats),
+        dec = {"torch_s": median_time(lambda: ghn.decode_tensors(h, batch), device, repeats),
                "triton_s": None, "triton_fp16_s": None,
                "params": n_params, "bytes_written_fp32": 4 * n_params,
                "copy_bandwidth_GBps": bw / 1e9, "bound_fp32_s": 4 * n_params / bw}

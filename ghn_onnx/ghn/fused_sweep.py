@@ -29,9 +29,7 @@ def available() -> bool:
 
 def _csr(n: int, recv: np.ndarray, send: np.ndarray, dist: np.ndarray):
     order = np.argsort(recv, kind="stable")
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.add.at(indptr, recv + 1, 1)
-    indptr = np.cumsum(indptr)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(recv, minlength=n))]).astype(np.int64)
     d = dist[order].astype(np.float32)
     return indptr, send[order].astype(np.int64), (d == 1).astype(np.float32), (1.0 / d).astype(np.float32)
 

@@ -50,7 +50,16 @@ class GHN(nn.Module):
         self.bias_class = nn.Sequential(nn.ReLU(), nn.Linear(out_ch, config.num_classes))
 
     def batch(self, graphs: list[Graph]) -> GraphBatch:
-        return GraphBatch.build(graphs, cutoff=self.config.ve_cutoff, virtual=self.config.ve)
+        """The graphs as one :class:`GraphBatch`, with what a no-autograd forward derives from
+        the graphs alone built now (node inputs, decoding plan, the CPU sweep's edge lists),
+        so that a forward does only per-call work. Built lazily instead if the GHN moves."""
+        batch = GraphBatch.build(graphs, cutoff=self.config.ve_cutoff, virtual=self.config.ve)
+        device = self.embed.weight.device
+        self._node_inputs(batch)
+        flat_decode.decode_plan(self, batch, device)
+        if device.type == "cpu" and fused_sweep.available():
+            fused_sweep.sweep_structure(batch)
+        return batch
 
     def node_states(self, batch: GraphBatch, sequential: bool = False) -> torch.Tensor:
         """Final node states ``(N, hid)`` for every node of the batch.
@@ -80,8 +89,9 @@ class GHN(nn.Module):
         cache = batch.__dict__.setdefault("_node_inputs", {})
         if key not in cache:
             nodes = [n for g in batch.graphs for n in g.nodes]
-            prim = np.array([int(n.primitive) for n in nodes], dtype=np.int64)
-            shape_ind = np.array([self.shape_enc.indices(n.shape4d) for n in nodes], dtype=np.int64).reshape(-1, 4)
+            prim = np.array([n.primitive.value for n in nodes], dtype=np.int64)
+            indices = self.shape_enc.indices
+            shape_ind = np.array([indices(n.shape4d) for n in nodes], dtype=np.int64).reshape(-1, 4)
             cache[key] = torch.as_tensor(prim, device=device), torch.as_tensor(shape_ind, device=device)
         return cache[key]
 
