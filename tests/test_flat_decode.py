@@ -4,6 +4,7 @@ against the per-tensor PyTorch path (``GHN.decode_tensors``) and the sequential 
 from __future__ import annotations
 
 import gc
+import threading
 
 import numba
 import numpy as np
@@ -117,3 +118,25 @@ def test_graph_parts_cover_every_graph_once():
     ptr, ids = fused_sweep.graph_parts(batch, 3)
     assert len(ptr) == 4 and sorted(ids.tolist()) == list(range(7))
     assert np.all(np.diff(ptr) >= 1)
+
+
+def test_concurrent_forwards_on_one_batch():
+    """A pipeline may predict from several threads: shared plans and caches stay correct."""
+    ghn = fresh_ghn("cpu", seed=16)
+    batch = ghn.batch([odd_shapes_graph(), random_dag(30, 3), small_head_graph()])
+    with torch.no_grad():
+        expected = [{k: v.clone() for k, v in g.items()} for g in ghn(batch)]
+    outcomes: list[bool] = []
+
+    def work() -> None:
+        with torch.no_grad():  # thread-local
+            for _ in range(4):
+                out = ghn(batch)
+                outcomes.append(all(torch.equal(out[i][k], v) for i, g in enumerate(expected) for k, v in g.items()))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 12 and all(outcomes)

@@ -280,16 +280,13 @@ def _tensor_meta(src: int, e: _Entry, out: int) -> list[int]:
 
 
 def decode_sources(ghn: "GHN", h: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
-    """The fp32 source buffer (no autograd; the plan's scratch buffer, overwritten by the next
-    call): each node's block computed once, then the 1-D rows.
+    """The fp32 source buffer (no autograd): each node's block computed once, then the 1-D rows.
 
     Taps are rows of the matrix products (``(n·kh·kw, channels)``), so a group is three GEMMs:
     the ``fc`` rows of its taps, the first 1×1 conv, and the ``rows × cols`` outputs of the last
     1×1 conv that tiling reads, written in place."""
     dec = ghn.decoder
-    src = plan.cache.get(("src", str(h.device)))
-    if src is None:  # scratch space, reused by later calls on the same plan
-        src = plan.cache[("src", str(h.device))] = h.new_empty(plan.src_numel)
+    src = h.new_empty(plan.src_numel)
     first = dec.conv[0]
     ch = dec.template_ch
     w_first = first.weight.view(first.out_channels, ch)
