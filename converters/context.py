@@ -93,7 +93,7 @@ class ConversionContext:
         if not name:
             return None
         st = self.tensors.stored(name)
-        if st is None or not st.is_float:
+        if st is None or not st.is_float or 0 in st.shape:  # an empty tensor: nothing to predict
             return None
         ref = ParamRef(st.name, role, st.shape, st.dtype, Layout(st.layout.steps + tuple(extra)))
         if role in ("bias", "scale"):

@@ -149,3 +149,18 @@ def test_mutated_models_raise_only_project_errors(small_models, ghn, data):
     except GhnOnnxError:
         return
     assert isinstance(out, onnx.ModelProto)
+
+
+def test_empty_initializer_is_left_alone(ghn):
+    """A zero-element weight has nothing to predict: it is skipped, the rest predicted."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w1"),
+             numpy_helper.from_array(np.ones((0, 4, 1, 1), np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    out = {t.name: t for t in predict(model, ghn).graph.initializer}
+    assert list(out["w2"].dims) == [0, 4, 1, 1] and not np.array_equal(numpy_helper.to_array(out["w1"]), np.ones((4, 3, 3, 3)))

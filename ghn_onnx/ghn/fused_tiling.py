@@ -42,7 +42,7 @@ def _work_lists(plan: DecodePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p0, t0 = meta[:, 5], meta[:, SHAPE]
         n_blocks = -(-t0 // np.maximum(p0, 1))
         rows = _ranges(p0)
-        copies = _ranges(n_blocks - 1)
+        copies = _ranges(np.maximum(n_blocks - 1, 0))  # an empty tensor has no blocks
         copies[:, 1] += 1
         plan.cache["numba"] = (meta, rows, copies)
     return plan.cache["numba"]
