@@ -140,3 +140,19 @@ def test_concurrent_forwards_on_one_batch():
     for t in threads:
         t.join()
     assert len(outcomes) == 12 and all(outcomes)
+
+
+@pytest.mark.parametrize("taps_per_chunk", [1, 20, 50])
+def test_groups_split_across_decoder_passes(monkeypatch, taps_per_chunk):
+    """Big batches decode in passes of at most TAPS_PER_CHUNK taps: groups that share a pass,
+    groups cut across passes, and nodes with more taps than a pass all give the same values."""
+    from ghn_onnx.ghn import flat_decode
+
+    monkeypatch.setattr(flat_decode, "TAPS_PER_CHUNK", taps_per_chunk)
+    ghn = fresh_ghn("cpu", seed=17)
+    batch = ghn.batch([random_dag(25, 1), odd_shapes_graph(), random_dag(9, 2), small_head_graph()])
+    plan = flat_decode.decode_plan(ghn, batch, torch.device("cpu"))
+    members = sorted((id(g), s + k) for p in plan.passes for g, s, n, _ in p.parts for k in range(n))
+    assert members == sorted((id(g), k) for g in plan.groups for k in range(len(g.nodes)))
+    assert len(plan.passes) > len({(g.kh, g.kw) for g in plan.groups})
+    _assert_same_decode(ghn, batch, torch.randn(batch.n_nodes, ghn.config.hid, generator=torch.Generator().manual_seed(4)))

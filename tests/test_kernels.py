@@ -178,6 +178,25 @@ def test_node_states_dispatch_uses_triton_on_cuda(device, parity):
     ghn.cpu()
 
 
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_decode_dispatch_uses_triton_on_cuda(device, parity):
+    """Without autograd on CUDA, GHN.decode writes through the Triton store: views of one flat
+    buffer, the values of the tensor-by-tensor path."""
+    ghn = parity["ghn"].to(device)
+    batch = ghn.batch([fixture_graph(parity, "deepnets_6"), fixture_graph(parity, "resnet18")])
+    with torch.no_grad():
+        h = ghn.node_states(batch)
+        fast = ghn.decode(h, batch)
+        slow = ghn.decode_tensors(h, batch)
+    storages = {t.untyped_storage().data_ptr() for g in fast for t in g.values()}
+    assert len(storages) == 1
+    for f, s in zip(fast, slow):
+        assert f.keys() == s.keys()
+        for name in s:
+            torch.testing.assert_close(f[name], s[name], rtol=RTOL, atol=ATOL)
+    ghn.cpu()
+
+
 # -- decoding -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("block, target", [
     ((64, 64, 3, 3), (10, 3, 3, 3)), ((64, 64, 3, 3), (100, 130, 3, 3)), ((64, 64, 1, 7), (96, 10, 1, 7)),
