@@ -202,7 +202,7 @@ def _passes(groups: list[WeightGroup], device: torch.device) -> list[TapPass]:
     """Consecutive groups with the same taps share passes of at most ``TAPS_PER_CHUNK`` taps
     (groups are sorted by taps first)."""
     passes: list[TapPass] = []
-    nodes: list[torch.Tensor] = []
+    nodes: list[list[torch.Tensor]] = []  # per pass, its runs of group members
     for g in groups:
         taps = g.kh * g.kw
         first = 0
