@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -98,13 +99,11 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _expected_nbytes(t: onnx.TensorProto) -> int | None:
-    import numpy as np
-
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return None
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return math.prod(t.dims) * itemsize
 
 
 def check_supported(model: onnx.ModelProto, name: str = "model") -> None:

@@ -4,6 +4,7 @@ the stored tensor it comes from (through Transpose / Reshape / Cast / Identity /
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ class StoredTensor:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def is_float(self) -> bool:
@@ -216,7 +217,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     them a ``Reshape`` has no known rank, and neither has anything after it. Missing entries just
     mean the rank is unknown."""
     def small(t: onnx.TensorProto) -> bool:  # and held in the file itself, not in external data
-        return (int(np.prod(t.dims, dtype=np.int64)) <= SMALL_TENSOR
+        return (math.prod(t.dims) <= SMALL_TENSOR
                 and t.data_location != onnx.TensorProto.EXTERNAL)
 
     # Build the skeleton field by field: copying the whole model would copy every weight.

@@ -10,6 +10,7 @@ written back exactly where and how they were read.
 from __future__ import annotations
 
 import functools
+import math
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
@@ -110,7 +111,7 @@ class ParamRef:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.stored_shape, dtype=np.int64))
+        return math.prod(self.stored_shape)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ converting.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -290,7 +291,7 @@ def _serialized_if_small(model: onnx.ModelProto) -> bytes | None:
 
 def _nbytes(t: onnx.TensorProto) -> int:
     try:
-        return int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize
+        return math.prod(t.dims) * np_dtype(t.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return 0
 
