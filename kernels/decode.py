@@ -2,9 +2,9 @@ r"""GHN-2 decoding in Triton: the store of :mod:`ghn_onnx.ghn.flat_decode` on CU
 
 The compute stays in PyTorch (cuBLAS, :func:`~ghn_onnx.ghn.flat_decode.decode_sources`). The
 kernel does the rest in one launch: for every predicted tensor ``t`` of target shape
-``(T0, T1, T2, T3)``, ``out_t[o, i, y, x] = f_t(block[o mod P0, i mod P1, y mod P2, x mod P3])``
-with ``P_d = min(B_d, T_d)`` and ``f_t`` the normalisation (see ``flat_decode``), each value cast
-to the output dtype in the store.
+``(T0, T1, T2, T3)``, ``out_t[o, i, y, x] = f_t · block[o mod P0, i mod P1, y mod P2, x mod P3]``
+with ``P_d = min(B_d, T_d)`` and ``f_t`` the weight-normalisation factor (see ``flat_decode``),
+each value cast to the output dtype in the store.
 
 The target is walked as a 2-D ``(T0, T1·T2·T3)`` matrix in ``(BLOCK_R, BLOCK_C)`` tiles listed in
 a chunk table, so all tensors of a batch go in one launch and the integer divisions are paid per
@@ -25,7 +25,6 @@ from ghn_onnx.batch import GraphBatch
 from ghn_onnx.ghn.flat_decode import META, SHAPE, DecodePlan, decode_plan, decode_sources, split_flat
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.kernels._common import check_kernel_device
-from ghn_onnx.kernels.message_passing import _tanh
 
 __all__ = ["decode_flat", "decode_reference", "split_flat", "tile_reference"]
 
@@ -37,7 +36,7 @@ OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _tile_store_kernel(
     src_ptr,  # fp32 decoded blocks and rows, every tensor's source back to back
     out_ptr,  # flat output, fp32 / fp16 / bf16
-    meta_ptr,  # (T, META) int64 per tensor: src offset, 4 strides, 4 periods, 4 dims, out offset, mode
+    meta_ptr,  # (T, META) int64 per tensor: src offset, 4 strides, 4 periods, 4 dims, out offset
     scale_ptr,  # (T,) fp32 weight-normalisation factor per tensor
     chunk_ptr,  # (C, 3) int32 per program: tensor, row tile, column tile
     META: tl.constexpr,  # int64 fields per tensor
@@ -54,7 +53,6 @@ def _tile_store_kernel(
     p0, p1, p2, p3 = tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7), tl.load(meta + 8)
     t0, t1, t2, t3 = tl.load(meta + 9), tl.load(meta + 10), tl.load(meta + 11), tl.load(meta + 12)
     out_off = tl.load(meta + 13)
-    mode = tl.load(meta + 14)
     scale = tl.load(scale_ptr + t)
 
     # column → (i, y, x) of the target, then each index modulo its block period
@@ -68,7 +66,7 @@ def _tile_store_kernel(
     mask = (rows < t0)[:, None] & (cols < n_cols)[None, :]
     v = tl.load(src_ptr + src_off + row_src[:, None] + col_src[None, :], mask=mask, other=0.0)
 
-    v = tl.where(mode == 1, 2.0 * tl.sigmoid(0.5 * v), tl.where(mode == 2, _tanh(0.2 * v), v * scale))
+    v = v * scale
     dst = out_ptr + out_off + rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -7,19 +7,20 @@ Same values as the per-tensor path, in three stages:
 2. **sources** (:func:`decode_sources`, PyTorch): per group of nodes with the same kernel taps,
    the template ``fc`` rows of those taps and the channel MLP as two matrix products over all
    taps at once, keeping only the ``min(out, 64) × min(in, 64)`` outputs of its last layer that
-   tiling reads; then the classifier heads and the 1-D rows;
-3. **store**: one call writes every tensor, tiled, normalised, into the flat output. For tensor
+   tiling reads; then the classifier heads and the 1-D rows, already normalised
+   (:func:`~ghn_onnx.ghn.parameters.normalize_scale`, ``normalize_bias``: elementwise, so the
+   small rows can be normalised before tiling);
+3. **store**: one call writes every tensor, tiled and scaled, into the flat output. For tensor
    ``t`` of target shape ``(T0, T1, T2, T3)`` (rank padded with 1s)
 
 .. math::
-    \mathrm{out}_t[o, i, y, x] = f_t\big(\mathrm{src}[o \bmod P_0,\ i \bmod P_1,\
-    y \bmod P_2,\ x \bmod P_3]\big), \qquad P_d = \min(B_d, T_d),
+    \mathrm{out}_t[o, i, y, x] = f_t \cdot \mathrm{src}[o \bmod P_0,\ i \bmod P_1,\
+    y \bmod P_2,\ x \bmod P_3], \qquad P_d = \min(B_d, T_d),
 
 which is :func:`~ghn_onnx.ghn.parameters.tile` (slice to the target, repeat the whole block, chop;
-spatial taps from the top-left), and ``f_t`` the normalisation: ``w · weight_scale(target)`` for
-weights (1 for positional encodings), ``2σ(p/2)`` for norm scales, ``tanh(p/5)`` for biases,
-identity without ``weight_norm``. Two stores implement it: the numba loop of
-:mod:`~ghn_onnx.ghn.fused_tiling` on CPU and the Triton kernel of
+spatial taps from the top-left), and ``f_t`` the weight normalisation ``weight_scale(target)``
+(1 for positional encodings, 1-D tensors, and without ``weight_norm``). Two stores implement it:
+the numba loop of :mod:`~ghn_onnx.ghn.fused_tiling` on CPU and the Triton kernel of
 :mod:`ghn_onnx.kernels.decode` on CUDA.
 
 Why: a batch of DeepNets graphs has ~130 tensors per graph, mostly small, and one to three
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ghn_onnx.batch import GraphBatch
-from ghn_onnx.ghn.parameters import weight_scale
+from ghn_onnx.ghn.parameters import normalize_bias, normalize_scale, weight_scale
 from ghn_onnx.graph import Graph
 from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 
@@ -49,11 +50,9 @@ if TYPE_CHECKING:
 # Decode at most this many kernel taps at once: bounds memory for big batches (~64 MB fp32).
 TAPS_PER_CHUNK = 4096
 
-# Normalisation applied by the store (the ``mode`` field of a tensor's metadata).
-MODE_SCALE, MODE_NORM_SCALE, MODE_BIAS = 0, 1, 2
 # One tensor's metadata row, int64: source offset, 4 strides, 4 periods, 4 dims (from SHAPE),
-# output offset, mode.
-SHAPE, META = 9, 15
+# output offset.
+SHAPE, META = 9, 14
 
 
 def classifier_nodes(graph: Graph) -> tuple[int | None, int | None]:
@@ -146,8 +145,7 @@ class _Entry:
     block: tuple[int, ...]  # the source block's dims, in the target's axis order
     strides: tuple[int, ...]  # and their strides in the source buffer
     target: tuple[int, ...]  # canonical shape
-    mode: int  # MODE_*
-    scale: float  # weight-normalisation factor (MODE_SCALE)
+    scale: float  # weight-normalisation factor
 
 
 def _build_plan(ghn: "GHN", batch: GraphBatch, device: torch.device) -> DecodePlan:
@@ -238,11 +236,11 @@ def _weight_entry(cfg, n, node: int, is_cls: bool, groups: dict) -> _Entry:
     normalize = cfg.weight_norm and n.primitive is not Primitive.POS_ENC
     scale = weight_scale(t) if normalize else 1.0
     if is_cls:
-        return _Entry(("w", key, len(members) - 1), (cfg.num_classes, cols), (cols, 1), t, MODE_SCALE, scale)
+        return _Entry(("w", key, len(members) - 1), (cfg.num_classes, cols), (cols, 1), t, scale)
     # stored (kh, kw, rows, cols): the layout of the matrix product, read as (o, i, y, x)
     block = (rows, cols, key[0], key[1])
     strides = (cols, 1, key[1] * rows * cols, rows * cols)
-    return _Entry(("w", key, len(members) - 1), block, strides, t, MODE_SCALE, scale)
+    return _Entry(("w", key, len(members) - 1), block, strides, t, scale)
 
 
 def _vector_entries(cfg, n, k: int, is_cls: bool, cls_k: int) -> list[_Entry]:
@@ -253,12 +251,12 @@ def _vector_entries(cfg, n, k: int, is_cls: bool, cls_k: int) -> list[_Entry]:
         if len(p.canonical_shape) != 1:
             raise ValueError(f"Expected a 1-D {p.role} for {p.tensor} (got shape {p.canonical_shape})")
         if n.primitive in NORM_PRIMITIVES and p.role == "scale":
-            source, length, mode = ("v", k, 0), cfg.max_shape[0], MODE_NORM_SCALE
+            source, length = ("v", k, 0), cfg.max_shape[0]
         elif is_cls:
-            source, length, mode = ("c", cls_k, 1), cfg.num_classes, MODE_BIAS
+            source, length = ("c", cls_k, 1), cfg.num_classes
         else:
-            source, length, mode = ("v", k, 1), cfg.max_shape[0], MODE_BIAS
-        out.append(_Entry(source, (length,), (1,), p.canonical_shape, mode if cfg.weight_norm else MODE_SCALE, 1.0))
+            source, length = ("v", k, 1), cfg.max_shape[0]
+        out.append(_Entry(source, (length,), (1,), p.canonical_shape, 1.0))
     return out
 
 
@@ -276,11 +274,12 @@ def _tensor_meta(src: int, e: _Entry, out: int) -> list[int]:
     stride = list(e.strides[:r]) + [0] * (4 - r)
     if r == 1:
         shape, period, stride = [1, shape[0], 1, 1], [1, period[0], 1, 1], [0, stride[0], 0, 0]
-    return [src, *stride, *period, *shape, out, e.mode]
+    return [src, *stride, *period, *shape, out]
 
 
 def decode_sources(ghn: "GHN", h: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
-    """The fp32 source buffer (no autograd): each node's block computed once, then the 1-D rows.
+    """The fp32 source buffer (no autograd): each node's block computed once, then the 1-D rows
+    (normalised with ``weight_norm``).
 
     Taps are rows of the matrix products (``(n·kh·kw, channels)``), so a group is three GEMMs:
     the ``fc`` rows of its taps, the first 1×1 conv, and the ``rows × cols`` outputs of the last
@@ -306,9 +305,13 @@ def decode_sources(ghn: "GHN", h: torch.Tensor, plan: DecodePlan) -> torch.Tenso
                 torch.addmm(b_last, x, w_last.t(), out=dst.view(n * taps, g.rows * g.cols))
     if len(plan.vec_nodes):
         rows = ghn.decoder_1d(h[plan.vec_nodes])  # (n_v, 2, out)
+        cls_rows = ghn.bias_class(rows[plan.cls_vec]) if len(plan.cls_vec) else None  # (n_c, 2, classes)
+        if ghn.config.weight_norm:  # row 0 is only read by norm scales, row 1 by biases
+            rows = torch.stack([normalize_scale(rows[:, 0]), normalize_bias(rows[:, 1])], dim=1)
+            if cls_rows is not None:
+                cls_rows[:, 1] = normalize_bias(cls_rows[:, 1])
         src[plan.vec_off:plan.cls_off].view_as(rows).copy_(rows)
-        if len(plan.cls_vec):
-            cls_rows = ghn.bias_class(rows[plan.cls_vec])  # (n_c, 2, classes)
+        if cls_rows is not None:
             src[plan.cls_off:].view_as(cls_rows).copy_(cls_rows)
     return src
 

@@ -1,7 +1,7 @@
-"""The store of :mod:`~ghn_onnx.ghn.flat_decode` on CPU: every tensor tiled, normalised and
-written into one flat buffer by one compiled (numba) call.
+"""The store of :mod:`~ghn_onnx.ghn.flat_decode` on CPU: every tensor tiled, scaled and written
+into one flat buffer by one compiled (numba) call.
 
-The rule is ``out[o, i, y, x] = f(src[o % P0, i % P1, y % P2, x % P3])``. Only the first
+The rule is ``out[o, i, y, x] = f · src[o % P0, i % P1, y % P2, x % P3]``. Only the first
 ``P0`` rows and, in them, the first ``P1`` input channels are computed element by element; the
 rest of a tiled tensor is periodic and is filled by contiguous copies of what is already written
 (doubling along a row, whole row blocks down the tensor), which run at memory bandwidth. Work
@@ -113,14 +113,6 @@ def store(src: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
 
 if numba is not None:
     @numba.njit(cache=True, inline="always")
-    def _normalised(v, mode, f):
-        if mode == 1:
-            return np.float32(2.0) / (np.float32(1.0) + np.exp(np.float32(-0.5) * v))
-        if mode == 2:
-            return np.tanh(np.float32(0.2) * v)
-        return v * f
-
-    @numba.njit(cache=True, inline="always")
     def _copy(out, dst, src, n):
         """``out[dst:dst+n] = out[src:src+n]`` (no overlap): a plain loop for short runs, where
         a slice assignment's setup costs more than the copy."""
@@ -138,17 +130,13 @@ if numba is not None:
             s1, s2, s3 = meta[t, 2], meta[t, 3], meta[t, 4]
             p1, p2, p3 = meta[t, 6], meta[t, 7], meta[t, 8]
             t1, t2, t3 = meta[t, 10], meta[t, 11], meta[t, 12]
-            mode = meta[t, 14]
             f = scale[t]
             row_len = t1 * t2 * t3
             d = meta[t, 13] + o * row_len
-            if t2 * t3 == 1 and mode == 0:  # linear layers, 1x1 convs: a strided run of p1 values
+            if t2 * t3 == 1:  # linear layers, 1x1 convs, 1-D tensors: a strided run of p1 values
                 for i in range(p1):
                     out[d + i] = src[s_off + i * s1] * f
-            elif t2 * t3 == 1:  # 1-D norm scales and biases
-                for i in range(p1):
-                    out[d + i] = _normalised(src[s_off + i * s1], mode, f)
-            elif p2 == t2 and p3 == t3 and mode == 0:  # kernels no larger than the decoder's
+            elif p2 == t2 and p3 == t3:  # kernels no larger than the decoder's
                 # tap by tap: a contiguous run of source values to every t2·t3-th output
                 t23 = t2 * t3
                 for y in range(t2):
@@ -163,7 +151,7 @@ if numba is not None:
                     for y in range(t2):
                         for x in range(t3):
                             # y % p2, x % p3: kernels larger than the decoder's repeat its taps
-                            out[k] = _normalised(src[s_off + i * s1 + (y % p2) * s2 + (x % p3) * s3], mode, f)
+                            out[k] = src[s_off + i * s1 + (y % p2) * s2 + (x % p3) * s3] * f
                             k += 1
             # the row is periodic in i with period p1·t2·t3: double what is written
             filled = p1 * t2 * t3
