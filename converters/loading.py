@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -13,6 +12,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from ghn_onnx.errors import ModelLoadError, UnsupportedModelError
+from ghn_onnx.storage import tensor_nbytes
 
 # Ops that mean the weights are quantized: a GHN predicts float parameters only.
 QUANTIZED_OPS = frozenset({
@@ -92,18 +92,10 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"{path}: external data is unreadable or truncated ({_first_line(exc)})") from None
     for t in model.graph.initializer:
-        expected = _expected_nbytes(t)
+        expected = tensor_nbytes(t)
         if expected is not None and len(t.raw_data) and len(t.raw_data) != expected:
             raise ModelLoadError(f"{path}: external data for {t.name!r} is truncated "
                                  f"({len(t.raw_data)} of {expected} bytes)")
-
-
-def _expected_nbytes(t: onnx.TensorProto) -> int | None:
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    return math.prod(t.dims) * itemsize
 
 
 def check_supported(model: onnx.ModelProto, name: str = "model") -> None:

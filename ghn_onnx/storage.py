@@ -9,6 +9,7 @@ tensor's name, dims, element type and position and only swaps its data.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 
@@ -44,6 +45,15 @@ def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def np_dtype(elem_type: int) -> np.dtype:
     """The numpy dtype of an ONNX element type (``ml_dtypes.bfloat16`` for BFLOAT16)."""
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int | None:
+    """Bytes of ``t``'s values as its dims and element type say (None for a type numpy lacks)."""
+    try:
+        itemsize = np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return math.prod(t.dims) * itemsize
 
 
 def cast_to_stored(values: np.ndarray, elem_type: int, what: str) -> np.ndarray:

@@ -16,7 +16,6 @@ converting.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ import onnx
 import ghn_onnx
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph import Graph, ParamRef
-from ghn_onnx.storage import DATA_FIELDS, cast_to_stored, np_dtype, set_tensor_values, stored_tensors
+from ghn_onnx.storage import DATA_FIELDS, cast_to_stored, set_tensor_values, stored_tensors, tensor_nbytes
 
 METADATA_PREFIX = "ghn_onnx."
 # Keys this module writes itself; a caller's metadata may not override them.
@@ -279,7 +278,7 @@ def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
 def _serialized_if_small(model: onnx.ModelProto) -> bytes | None:
     """The model's bytes, or None where they would reach protobuf's 2 GB limit (one pass: the
     bytes are what gets written)."""
-    tensor_bytes = sum(_nbytes(t) for t in stored_tensors(model).values())
+    tensor_bytes = sum(tensor_nbytes(t) or 0 for t in stored_tensors(model).values())
     if tensor_bytes >= MAX_PROTOBUF_BYTES:  # a lower bound: no need to try
         return None
     try:
@@ -287,13 +286,6 @@ def _serialized_if_small(model: onnx.ModelProto) -> bytes | None:
     except Exception:  # protobuf refuses messages over 2 GB (its error types vary by backend)
         return None
     return data if len(data) < MAX_PROTOBUF_BYTES else None
-
-
-def _nbytes(t: onnx.TensorProto) -> int:
-    try:
-        return math.prod(t.dims) * np_dtype(t.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return 0
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
