@@ -5,9 +5,9 @@
 Cases: ResNet-50 (CIFAR variant: 3x3 stem, no max-pool, 10 classes, TorchScript export with BN
 kept) and a meta-batch of 8 DeepNets graphs (the five ghn2-parity DeepNets fixtures, the first
 three repeated). Both paths run in the same process, interleaved, on the same prebuilt graphs;
-the figure is the median of ``--repeats`` runs. "cold" is the fast path with its output
-memory handed back before each call (fresh pages, as for a result that is kept). GHN weights: the reference fixture
-``ghn2_random_cifar10.npz`` (speed does not depend on the values).
+the figure is the median of ``--repeats`` runs. "cold" is the fast path with its output memory
+handed back before each call (fresh pages, as for a result that is kept). GHN weights: the
+reference fixture ``ghn2_random_cifar10.npz`` (speed does not depend on the values).
 
 The full suite (throughput over generated networks, a training step, the write bound, the GPU
 kernels) is ``ghn-onnx bench``; see README.md.
@@ -27,52 +27,28 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GHN_ONNX_SHARED") or REPO.parent / "shared")
-PARITY = SHARED / "reference" / "ghn2-parity"
-DEEPNETS = ["deepnets_1", "deepnets_6", "deepnets_9", "deepnets_11", "deepnets_17", "deepnets_1", "deepnets_6",
-            "deepnets_9"]
+from ghn_onnx.benchmarks import export_cifar_resnet50, interleaved, synchronizer, timed
+from ghn_onnx.converters import convert_file
+from ghn_onnx.ghn import checkpoint, fused_tiling
+from ghn_onnx.kernels.bench import DEEPNETS, parity_dir
+from ghn_onnx.predict import predict_files
+
+NO_SYNC = synchronizer(torch.device("cpu"))
 
 
-def export_resnet50(path: Path) -> Path:
-    import torchvision
-
-    m = torchvision.models.resnet50(num_classes=10)
-    m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    m.maxpool = torch.nn.Identity()
-    torch.onnx.export(m.eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
-                      training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, input_names=["input"])
-    return path
-
-
-def timed_ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+def interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
     """Median ms of each function, alternating between them so background load hits both."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: v * 1e3 for k, v in interleaved(fns, repeats, NO_SYNC).items()}
 
 
 def main(argv=None) -> dict:
-    from ghn_onnx.converters import convert_file
-    from ghn_onnx.ghn import checkpoint, fused_tiling
-    from ghn_onnx.predict import predict_files
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    ghn = checkpoint.load_reference(PARITY / "ghn2_random_cifar10.npz")
+    parity = parity_dir()
+    ghn = checkpoint.load_reference(parity / "ghn2_random_cifar10.npz")
     results: dict = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "python": platform.python_version(), "torch": torch.__version__,
@@ -80,17 +56,17 @@ def main(argv=None) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        r50 = export_resnet50(tmp / "resnet50.onnx")
-        cases = {"resnet50": [r50], "deepnets_batch8": [PARITY / f"{n}.onnx" for n in DEEPNETS]}
+        r50 = export_cifar_resnet50(tmp / "resnet50.onnx")
+        cases = {"resnet50": [r50], "deepnets_batch8": [parity / f"{n}.onnx" for n in DEEPNETS]}
         for case, files in cases.items():
             graphs = [convert_file(f) for f in files]
             # GHN.batch: edges, levels and the fast path's plans; outside the forward's timing
-            build_ms = statistics.median(timed_ms(lambda: ghn.batch(graphs)) for _ in range(5))
+            build_ms = 1e3 * statistics.median(timed(lambda: ghn.batch(graphs), NO_SYNC) for _ in range(5))
             batch = ghn.batch(graphs)
             with torch.no_grad():
                 ghn(batch)
                 ghn(batch, sequential=True)  # warm-up (numba compiles on first use)
-                fwd = interleaved({
+                fwd = interleaved_ms({
                     "fast": lambda: ghn(batch),
                     # the fast path with its output memory handed back first: fresh pages each call
                     "fast_cold": lambda: (fused_tiling.OUTPUT.release(), ghn(batch)),
@@ -98,7 +74,7 @@ def main(argv=None) -> dict:
                 }, args.repeats)
             outs = [tmp / f"out_{i}.onnx" for i in range(len(files))]
             f2f_repeats = max(3, args.repeats // 3)
-            f2f = interleaved({
+            f2f = interleaved_ms({
                 "fast": lambda: predict_files(files, outs, ghn),
                 "reference": lambda: predict_files(files, outs, ghn, reference=True),
             }, f2f_repeats)

@@ -23,14 +23,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from ghn_onnx.batch import GraphBatch
+from ghn_onnx.benchmarks import copy_bandwidth, synchronizer, timed
 from ghn_onnx.ghn import GHN, GHNConfig
 from ghn_onnx.ghn import fused_sweep
 from ghn_onnx.graph import Graph
@@ -55,36 +53,12 @@ def deepnets_graphs() -> list[Graph]:
     return [cache[n] for n in DEEPNETS]
 
 
-def initial_states(ghn: GHN, batch: GraphBatch) -> torch.Tensor:
-    """``h0 = embed[primitive] + shape_enc(shape)`` ``(N, hid)``, where ``GHN.node_states`` starts."""
-    nodes = [n for g in batch.graphs for n in g.nodes]
-    device = ghn.embed.weight.device
-    prim = torch.as_tensor(np.array([int(n.primitive) for n in nodes]), device=device)
-    shape_ind = torch.as_tensor(np.array([ghn.shape_enc.indices(n.shape4d) for n in nodes]), device=device)
-    with torch.no_grad():
-        return ghn.embed(prim) + ghn.shape_enc(shape_ind)
-
-
 def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` in seconds, synchronising CUDA around each run."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 10) -> float:
-    """Bytes per second moved by a large device copy, counting the read and the write."""
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    b = torch.empty_like(a)
-    return 2 * nbytes / median_time(lambda: b.copy_(a), device, repeats)
+    return statistics.median(timed(fn, sync) for _ in range(repeats))
 
 
 def bench_kernels(device: str | torch.device = "cuda", graphs: list[Graph] | None = None,
@@ -106,7 +80,8 @@ def bench_kernels(device: str | torch.device = "cuda", graphs: list[Graph] | Non
     torch.manual_seed(0)
     ghn = GHN(GHNConfig()).to(device).eval()
     batch = ghn.batch(graphs)
-    h0 = initial_states(ghn, batch)
+    with torch.no_grad():
+        h0 = ghn.initial_states(batch)
     triton_ok = device.type == "cuda"
     notes = [] if triton_ok else ["no CUDA device: Triton timings skipped (the interpreter's speed is meaningless)"]
     out: dict = {

@@ -37,7 +37,7 @@ from ghn_onnx.ghn import checkpoint  # noqa: E402
 from ghn_onnx.ghn.parameters import tile  # noqa: E402
 from ghn_onnx.graph import Graph  # noqa: E402
 from ghn_onnx.kernels import _common  # noqa: E402
-from ghn_onnx.kernels.bench import bench_kernels, initial_states  # noqa: E402
+from ghn_onnx.kernels.bench import bench_kernels  # noqa: E402
 from ghn_onnx.kernels.decode import decode_flat, decode_reference, split_flat, tile_reference  # noqa: E402
 from ghn_graphs import fresh_ghn, odd_shapes_graph, random_dag, small_head_graph, two_node_graph  # noqa: E402
 from ghn_onnx.kernels.message_passing import (_sweep_kernel, message_passing,  # noqa: E402
@@ -126,7 +126,8 @@ def test_message_passing_fixture_graphs(device, parity):
     initial states."""
     ghn = parity["ghn"].to(device)
     batch = ghn.batch([fixture_graph(parity, n) for n in ("resnet18", "deepnets_1", "deepnets_17")])
-    h0 = initial_states(ghn, batch)
+    with torch.no_grad():
+        h0 = ghn.initial_states(batch)
     expected = message_passing_reference(ghn.gnn, h0, batch)
     got = message_passing(ghn.gnn, h0, batch, **MP_BLOCKS[device])
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)

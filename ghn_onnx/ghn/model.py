@@ -67,8 +67,7 @@ class GHN(nn.Module):
         ``sequential`` runs the reference loop. Otherwise, without autograd on CPU, the fused
         compiled sweep runs; without autograd on CUDA with Triton, the Triton kernel
         (:mod:`ghn_onnx.kernels.message_passing`); otherwise the level-by-level PyTorch sweep."""
-        prim, shape_ind = self._node_inputs(batch)
-        h = self.embed(prim) + self.shape_enc(shape_ind)  # (N, hid)
+        h = self.initial_states(batch)
         if sequential:
             h = self.gnn.forward_sequential(h, batch)
         elif h.device.type == "cpu" and not torch.is_grad_enabled() and fused_sweep.available():
@@ -80,6 +79,11 @@ class GHN(nn.Module):
         else:
             h = self.gnn(h, batch)
         return self.ln(h) if self.ln is not None else h
+
+    def initial_states(self, batch: GraphBatch) -> torch.Tensor:
+        """``h0 = embed[primitive] + shape_enc(shape)`` ``(N, hid)``: where message passing starts."""
+        prim, shape_ind = self._node_inputs(batch)
+        return self.embed(prim) + self.shape_enc(shape_ind)
 
     def _node_inputs(self, batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Primitive ids ``(N,)`` and shape-vocabulary rows ``(N, 4)``, cached on the batch per
