@@ -1,5 +1,6 @@
-"""Small hand-built graphs and fresh GHNs for the decoding and message-passing tests: odd channel
-counts, unusual kernels, positional encodings, classifiers smaller and larger than the heads."""
+"""Small hand-built graphs and fresh GHNs for the decoding and message-passing tests (odd channel
+counts, unusual kernels, positional encodings, classifiers smaller and larger than the heads), and
+the comparison of two decodings."""
 
 from __future__ import annotations
 
@@ -88,3 +89,15 @@ def fresh_ghn(device: str, seed: int = 0, **config) -> GHN:
     return GHN(GHNConfig(**config)).to(device).eval()
 
 
+
+
+def assert_same_predictions(got: list[dict[str, torch.Tensor]], expected: list[dict[str, torch.Tensor]],
+                            **tolerance) -> None:
+    """Same graphs, same tensor names in the same order, same shapes, values within ``tolerance``
+    (``torch.testing.assert_close`` keywords) after casting ``expected`` to ``got``'s dtype."""
+    assert [g.keys() for g in got] == [e.keys() for e in expected]
+    for g, e in zip(got, expected):
+        for name, value in e.items():
+            assert g[name].shape == value.shape, name
+            torch.testing.assert_close(g[name], value.to(g[name].dtype), **tolerance,
+                                       msg=lambda m, name=name: f"{name}: {m}")

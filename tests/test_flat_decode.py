@@ -10,7 +10,8 @@ import numba
 import numpy as np
 import pytest
 import torch
-from ghn_graphs import fresh_ghn, odd_shapes_graph, random_dag, small_head_graph, two_node_graph
+from ghn_graphs import (assert_same_predictions, fresh_ghn, odd_shapes_graph, random_dag, small_head_graph,
+                        two_node_graph)
 
 from ghn_onnx.converters import convert_file
 from ghn_onnx.ghn import checkpoint, fused_sweep, fused_tiling
@@ -19,13 +20,7 @@ from ghn_onnx.ghn.gatedgnn import GatedGNN
 
 def _assert_same_decode(ghn, batch, h) -> None:
     with torch.no_grad():
-        got = ghn.decode(h, batch)
-        expected = ghn.decode_tensors(h, batch)
-    assert [g.keys() for g in got] == [e.keys() for e in expected]
-    for g, e in zip(got, expected):
-        for name, value in e.items():
-            assert g[name].shape == value.shape, name
-            torch.testing.assert_close(g[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert_same_predictions(ghn.decode(h, batch), ghn.decode_tensors(h, batch), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [{}, {"weight_norm": False, "max_shape": (64, 64, 16, 16), "num_classes": 1000}],

@@ -39,7 +39,8 @@ from ghn_onnx.graph import Graph  # noqa: E402
 from ghn_onnx.kernels import _common  # noqa: E402
 from ghn_onnx.kernels.bench import bench_kernels  # noqa: E402
 from ghn_onnx.kernels.decode import decode_flat, decode_reference, split_flat, tile_reference  # noqa: E402
-from ghn_graphs import fresh_ghn, odd_shapes_graph, random_dag, small_head_graph, two_node_graph  # noqa: E402
+from ghn_graphs import (assert_same_predictions, fresh_ghn, odd_shapes_graph, random_dag,  # noqa: E402
+                        small_head_graph, two_node_graph)
 from ghn_onnx.kernels.message_passing import (_sweep_kernel, message_passing,  # noqa: E402
                                               message_passing_reference)
 
@@ -191,10 +192,7 @@ def test_decode_dispatch_uses_triton_on_cuda(device, parity):
         slow = ghn.decode_tensors(h, batch)
     storages = {t.untyped_storage().data_ptr() for g in fast for t in g.values()}
     assert len(storages) == 1
-    for f, s in zip(fast, slow):
-        assert f.keys() == s.keys()
-        for name in s:
-            torch.testing.assert_close(f[name], s[name], rtol=RTOL, atol=ATOL)
+    assert_same_predictions(fast, slow, rtol=RTOL, atol=ATOL)
     ghn.cpu()
 
 
@@ -217,14 +215,9 @@ def _check_decode(ghn: GHN, batch: GraphBatch, device: str, dtype=torch.float32)
     expected = decode_reference(ghn, h, batch)
     flat, index = decode_flat(ghn, h, batch, dtype, **DEC_BLOCKS[device])
     assert flat.dtype == dtype and flat.numel() == sum(int(np.prod(s)) for *_, s in index)
-    got = split_flat(flat, index, len(batch.graphs))
-    assert [g.keys() for g in got] == [e.keys() for e in expected]
     tol = {torch.float32: dict(rtol=RTOL, atol=ATOL), torch.float16: dict(rtol=1e-3, atol=1e-5),
            torch.bfloat16: dict(rtol=8e-3, atol=1e-5)}[dtype]
-    for g, e in zip(got, expected):
-        for name, value in e.items():
-            assert g[name].shape == value.shape, name
-            torch.testing.assert_close(g[name], value.to(dtype), **tol, msg=lambda m: f"{name}: {m}")
+    assert_same_predictions(split_flat(flat, index, len(batch.graphs)), expected, **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
