@@ -26,7 +26,7 @@ from ghn_onnx.converters.context import ConversionContext
 from ghn_onnx.converters.loading import check_supported, load_model
 from ghn_onnx.converters.rules import RULES, Emission
 from ghn_onnx.errors import UnsupportedModelError
-from ghn_onnx.graph import Graph, Node, topological_order
+from ghn_onnx.graph import Graph, Node, reachable, topological_order
 from ghn_onnx.storage import topological_nodes
 from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 
@@ -146,14 +146,7 @@ def _finish(nodes: list[Node], edges: set[tuple[int, int]], sinks: list[int], na
     preds: dict[int, list[int]] = {}
     for s, d in edges:
         preds.setdefault(d, []).append(s)
-    alive = {0}
-    stack = list(sinks)
-    while stack:
-        i = stack.pop()
-        if i in alive:
-            continue
-        alive.add(i)
-        stack.extend(preds.get(i, []))
+    alive = reachable(sinks, lambda i: preds.get(i, ())) | {0}  # the input node stays
     keep = sorted(alive)
     remap = {old: new for new, old in enumerate(keep)}
     kept_edges = [(remap[s], remap[d]) for s, d in edges if s in remap and d in remap]

@@ -24,7 +24,7 @@ from ghn_onnx.batch_stats import batch_stats_model
 from ghn_onnx.calibration_data import (CIFAR10_MEAN, CIFAR10_STD, data_input, iter_batches,
                                        load_calibration_data)
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.graph import Graph
+from ghn_onnx.graph import Graph, reachable
 from ghn_onnx.primitives import Primitive
 from ghn_onnx.storage import (alias_source, cast_to_stored, consumer_counts, is_batch_norm, np_dtype,
                               set_tensor_values, stored_tensors, topological_nodes, unique_name)
@@ -238,18 +238,8 @@ def _prune(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     fetched, so unpruned each level would cost a full forward pass)."""
     g = model.graph
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-    needed_nodes: set[int] = set()
-    needed: set[str] = set()
-    stack = list(outputs)
-    while stack:
-        t = stack.pop()
-        if t in needed:
-            continue
-        needed.add(t)
-        i = producer.get(t)
-        if i is not None and i not in needed_nodes:
-            needed_nodes.add(i)
-            stack.extend(_node_reads(g.node[i]))
+    needed = reachable(outputs, lambda t: _node_reads(g.node[producer[t]]) if t in producer else ())
+    needed_nodes = {producer[t] for t in needed if t in producer}
     sub = onnx.ModelProto()
     sub.ir_version = model.ir_version
     sub.opset_import.extend(model.opset_import)

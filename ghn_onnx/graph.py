@@ -13,7 +13,7 @@ import functools
 import math
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import scipy.sparse
@@ -245,6 +245,19 @@ class Graph:
             "warnings": list(self.warnings),
             "unsupported": {k: list(v) for k, v in self.unsupported.items()},
         }
+
+
+def reachable(starts: Iterable[Any], neighbours: Callable[[Any], Iterable[Any]]) -> set[Any]:
+    """Everything reachable from ``starts`` (themselves included) by following ``neighbours``;
+    iterative, since graphs can be thousands of nodes deep."""
+    seen: set[Any] = set()
+    stack = list(starts)
+    while stack:
+        x = stack.pop()
+        if x not in seen:
+            seen.add(x)
+            stack.extend(neighbours(x))
+    return seen
 
 
 def topological_order(n: int, edges: Iterable[tuple[int, int]]) -> list[int]:
