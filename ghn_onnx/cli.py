@@ -274,8 +274,10 @@ def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
 @click.option("--val-nets", type=int, default=20, show_default=True, help="Validation networks.")
 @click.option("--val-images", type=int, default=1000, show_default=True, help="Validation images (random subset).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--init", "init", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start a new run from this checkpoint's weights (fresh optimizer and streams).")
 def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup, clip, seed, device,
-          save_every, eval_every, val_nets, val_images, resume) -> None:
+          save_every, eval_every, val_nets, val_images, resume, init) -> None:
     """Train a GHN-2 on CIFAR-10 over random DeepNets-like architectures.
 
     Runs on CPU, one GPU (--device cuda, AMP on), or several processes with torchrun
@@ -287,7 +289,7 @@ def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup
                       warmup_steps=warmup, grad_clip=clip, seed=seed, save_every=save_every, eval_every=eval_every)
     try:
         run_train(out_dir, data, cfg, resume=resume, device=_check_device(device), val_nets=val_nets,
-                  val_images=val_images)
+                  val_images=val_images, init=init)
     except GhnOnnxError as exc:
         raise InputError(str(exc)) from None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ghn_onnx.errors import CheckpointError
 from ghn_onnx.datasets import ImageSet, load_cifar10, train_val_split
 from ghn_onnx.ghn import GHNConfig
 from ghn_onnx.training.evaluation import accuracy, mean_and_sem, random_subset
@@ -52,7 +53,9 @@ def make_validator(val_images: ImageSet, n_nets: int, n_images: int):
 
 def train(out_dir: str | os.PathLike, data: str | os.PathLike | None, cfg: TrainConfig, *, resume: bool = False,
           device: str = "cpu", val_nets: int = 20, val_images: int = 1000, progress: bool = True,
-          ghn_config: GHNConfig | None = None) -> Trainer:
+          ghn_config: GHNConfig | None = None, init: str | os.PathLike | None = None) -> Trainer:
+    """Train into ``out_dir``; ``init`` warm-starts a new run from a checkpoint's weights (the
+    optimizer and the streams start fresh). A resumed run ignores ``init``: its own state wins."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -64,6 +67,13 @@ def train(out_dir: str | os.PathLike, data: str | os.PathLike | None, cfg: Train
     # Every rank must draw the same nets: add architectures on a fixed schedule, not by timing.
     add_every = 8 if distributed else None
     ghn = init_ghn(ghn_config, seed=cfg.seed)
+    if init is not None and not (resume and (out_dir / "trainer.json").is_file()):
+        from ghn_onnx.ghn import checkpoint
+
+        start = checkpoint.load(init)
+        if start.config != ghn.config:
+            raise CheckpointError(f"{init}: configuration {start.config} differs from the run's {ghn.config}")
+        ghn.load_state_dict(start.state_dict())
     pool = ArchPool(TrainingStream(cfg.seed), add_every=add_every)
     trainer = Trainer(ghn, cfg, train_set, pool, out_dir, device=device)
     if resume and (out_dir / "trainer.json").is_file():
