@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ghn_onnx.datasets import load_cifar10, normalize
+from ghn_onnx.training.datasets import load_cifar10, normalize
 from ghn_onnx.examples.export_resnet18 import cifar_resnet18
 from ghn_onnx.training.evaluation import random_subset
 

@@ -17,7 +17,7 @@ from ghn_onnx import __version__
 from ghn_onnx.errors import GhnOnnxError
 
 if TYPE_CHECKING:
-    from ghn_onnx.graph import Graph
+    from ghn_onnx.graph.graph import Graph
 
 EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 an output could not be written (e.g. matplotlib missing); "
                    "2 bad input (unreadable or unsupported model, bad usage).")
@@ -56,7 +56,7 @@ def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None) -> N
     as prediction writes them. The model file is only read.
     """
     # Imported here, not at the top, so that --help and --version answer without loading onnx.
-    from ghn_onnx.inspection import format_report, inspect_model
+    from ghn_onnx.report.inspection import format_report, inspect_model
 
     images = [(p, fmt) for p, fmt in ((png, "png"), (svg, "svg")) if p is not None]
     for path, _ in images:
@@ -75,7 +75,7 @@ def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None) -> N
 
 
 def _draw(graph: Graph, path: Path, fmt: str) -> None:
-    from ghn_onnx.drawing import DrawingUnavailableError, draw_graph
+    from ghn_onnx.report.drawing import DrawingUnavailableError, draw_graph
 
     try:
         draw_graph(graph, path, fmt)
@@ -113,8 +113,8 @@ def _check_device(device: str) -> str:
 
 
 def _calibrator(data: Path, images: int, batch_size: int, seed: int):
-    """A ``calibrate(model, graph) -> (model, status)`` for :func:`ghn_onnx.predict.predict_files`."""
-    from ghn_onnx.calibration import calibrate_bn, data_input, iter_batches, load_calibration_data
+    """A ``calibrate(model, graph) -> (model, status)`` for :func:`ghn_onnx.pipeline.predict_files`."""
+    from ghn_onnx.bn.calibration import calibrate_bn, data_input, iter_batches, load_calibration_data
 
     def calibrate(model, graph):
         _, _, shape = data_input(model)
@@ -156,7 +156,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
     from tqdm import tqdm
 
     from ghn_onnx.ghn.checkpoint import file_sha256
-    from ghn_onnx.predict import predict_files
+    from ghn_onnx.pipeline import predict_files
 
     if (output is None) == (output_dir is None):
         raise InputError("give exactly one of -o OUT.onnx (one input) or -O OUTDIR")
@@ -172,8 +172,8 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
     metadata = {"checkpoint_sha256": file_sha256(ckpt)}
     unfold = None
     if unfold_bn:
-        from ghn_onnx.calibration import data_input, iter_batches, load_calibration_data
-        from ghn_onnx.unfold import predict_unfolded
+        from ghn_onnx.bn.calibration import data_input, iter_batches, load_calibration_data
+        from ghn_onnx.writeback.unfold import predict_unfolded
 
         if calibrate_data is None:
             click.echo("warning: --unfold-bn without --calibrate: BN statistics are taken as mean 0, var 1; "
@@ -213,8 +213,8 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the image subset.")
 def calibrate(model, output, data, images, batch_size, seed) -> None:
     """Measure BN running statistics of IN.onnx on images and write them (nothing else changes)."""
-    from ghn_onnx.converters import load_model
-    from ghn_onnx.writeback import save_model
+    from ghn_onnx.onnx_io.loading import load_model
+    from ghn_onnx.writeback.write import save_model
 
     try:
         m = load_model(model)
@@ -307,7 +307,7 @@ def _int_list(value: str) -> tuple[int, ...]:
 
 
 def _sections(value: str) -> tuple[str, ...]:
-    from ghn_onnx.benchmarks import SECTIONS
+    from ghn_onnx.benchmarks.suite import SECTIONS
 
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     unknown = [n for n in names if n not in SECTIONS]
@@ -356,8 +356,8 @@ def bench(device, repeats, sizes, distinct, reference_cap, meta_batch, train_bat
     """
     import shlex
 
-    from ghn_onnx.bench_report import format_table, to_markdown
-    from ghn_onnx.benchmarks import BenchConfig, BenchError, run_benchmarks
+    from ghn_onnx.benchmarks.report import format_table, to_markdown
+    from ghn_onnx.benchmarks.suite import BenchConfig, BenchError, run_benchmarks
 
     cfg = BenchConfig(device=_check_device(device), repeats=repeats, sizes=_int_list(sizes), distinct=distinct,
                       reference_cap_s=reference_cap, meta_batch=meta_batch, train_batch_size=train_batch_size,
@@ -460,7 +460,7 @@ def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id
     Every figure carries the images, networks and seed that produced it. Progress goes to
     stderr, the summary (or --json) to stdout.
     """
-    from ghn_onnx.datasets import load_cifar10
+    from ghn_onnx.training.datasets import load_cifar10
     from ghn_onnx.training.eval_plot import plot_curves
     from ghn_onnx.training.eval_suite import EvalConfig, checkpoint_source, evaluate, format_summary, write_json
 

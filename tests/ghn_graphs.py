@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from ghn_onnx.ghn import GHN, GHNConfig
-from ghn_onnx.graph import Graph, Node, ParamRef
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.graph.graph import Graph, Node, ParamRef
+from ghn_onnx.graph.primitives import Primitive
 
 
 def _param(name: str, role: str, shape: tuple[int, ...]) -> ParamRef:

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ghn_onnx.graph import Graph
+from ghn_onnx.graph.graph import Graph
 
 PARAMETRISED = {"conv", "sep_conv", "dil_conv", "bias", "bn", "ln", "pos_enc"}
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ghn_onnx.bench_report import Row, format_table, rows, to_markdown
-from ghn_onnx.benchmarks import compare, sequential_message_passing
+from ghn_onnx.benchmarks.report import Row, format_table, rows, to_markdown
+from ghn_onnx.benchmarks.suite import compare, sequential_message_passing
 from ghn_onnx.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "frameworks"
@@ -84,7 +84,7 @@ def test_reference_cap_skips_by_estimate_and_keeps_one_slow_run():
 
 
 def test_sequential_switch_is_the_same_maths_and_is_undone():
-    from ghn_onnx.converters import convert_file
+    from ghn_onnx.convert import convert_file
     from ghn_onnx.ghn import GHN, GHNConfig
 
     torch.manual_seed(0)

@@ -14,14 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ghn_onnx.calibration import (CIFAR10_MEAN, CIFAR10_STD, batch_stats_model, calibrate_bn, data_input,
+from ghn_onnx.bn.calibration import (CIFAR10_MEAN, CIFAR10_STD, batch_stats_model, calibrate_bn, data_input,
                                   iter_batches, load_calibration_data)
-from ghn_onnx.converters import convert
+from ghn_onnx.convert import convert
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.graph import Graph
-from ghn_onnx.primitives import Primitive
-from ghn_onnx.storage import stored_tensors, untie_aliases
-from ghn_onnx.writeback import resolve_shared, write_predictions
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.primitives import Primitive
+from ghn_onnx.onnx_io.storage import stored_tensors, untie_aliases
+from ghn_onnx.writeback.write import resolve_shared, write_predictions
 from writeback_models import TinyResNet, bn_model, export, randomise_bn, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

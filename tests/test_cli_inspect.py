@@ -12,7 +12,7 @@ from onnx_builders import conv_model, save
 
 from ghn_onnx import __version__
 from ghn_onnx.cli import main
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.graph.primitives import Primitive
 
 
 def invoke(*args: str):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ghn_onnx.drawing import draw_graph, edge_lines, layout, levels
-from ghn_onnx.graph import Graph, Node
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.report.drawing import draw_graph, edge_lines, layout, levels
+from ghn_onnx.graph.graph import Graph, Node
+from ghn_onnx.graph.primitives import Primitive
 
 
 def residual() -> Graph:

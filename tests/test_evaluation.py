@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from ghn_onnx.calibration import batch_stats_model, calibrate_bn
+from ghn_onnx.bn.calibration import batch_stats_model, calibrate_bn
 from ghn_onnx.cli import main
-from ghn_onnx.datasets import ImageSet, normalize
+from ghn_onnx.training.datasets import ImageSet, normalize
 from ghn_onnx.ghn import checkpoint
 from ghn_onnx.training.cifar_models import TORCHVISION_MODELS, cifar_model, export_model, parameters_from_onnx
 from ghn_onnx.training.eval_plot import plot_curves

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 from reference_graphs import compare, load_reference
 
-from ghn_onnx.converters import convert, load_model
+from ghn_onnx.convert import convert
+from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.examples.export_resnet18 import main
-from ghn_onnx.inspection import build_report
+from ghn_onnx.report.inspection import build_report
 
 
 @pytest.mark.slow

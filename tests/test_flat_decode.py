@@ -13,9 +13,11 @@ import torch
 from ghn_graphs import (assert_same_predictions, fresh_ghn, odd_shapes_graph, random_dag, small_head_graph,
                         two_node_graph)
 
-from ghn_onnx.converters import convert_file
-from ghn_onnx.ghn import checkpoint, fused_sweep, fused_tiling
-from ghn_onnx.ghn.gatedgnn import GatedGNN
+from ghn_onnx.convert import convert_file
+from ghn_onnx.ghn import checkpoint
+from ghn_onnx.ghn.decode import numba_store as fused_tiling
+from ghn_onnx.ghn.hypernet import numba_sweep as fused_sweep
+from ghn_onnx.ghn.hypernet.gatedgnn import GatedGNN
 
 
 def _assert_same_decode(ghn, batch, h) -> None:
@@ -141,7 +143,7 @@ def test_concurrent_forwards_on_one_batch():
 def test_groups_split_across_decoder_passes(monkeypatch, taps_per_chunk):
     """Big batches decode in passes of at most TAPS_PER_CHUNK taps: groups that share a pass,
     groups cut across passes, and nodes with more taps than a pass all give the same values."""
-    from ghn_onnx.ghn import flat_decode
+    from ghn_onnx.ghn.decode import flat as flat_decode
 
     monkeypatch.setattr(flat_decode, "TAPS_PER_CHUNK", taps_per_chunk)
     ghn = fresh_ghn("cpu", seed=17)

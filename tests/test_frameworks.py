@@ -27,12 +27,13 @@ import torch
 from onnx import numpy_helper
 from reference_graphs import compare_structure, graph_structural_labels
 
-from ghn_onnx.converters import convert, load_model
+from ghn_onnx.convert import convert
+from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.ghn.config import GHNConfig
 from ghn_onnx.ghn.model import GHN
-from ghn_onnx.graph import Graph
-from ghn_onnx.primitives import Primitive
-from ghn_onnx.writeback import write_predictions
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.primitives import Primitive
+from ghn_onnx.writeback.write import write_predictions
 
 FIXTURES = Path(__file__).parent / "fixtures" / "frameworks"
 # The same network, exported by different frameworks / exporters; the first is the reference.

@@ -15,9 +15,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from ghn_onnx.converters import convert, load_model
-from ghn_onnx.graph import Graph
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.convert import convert
+from ghn_onnx.onnx_io.loading import load_model
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.primitives import Primitive
 
 FIXTURES = Path(__file__).parent / "fixtures" / "frameworks"
 

@@ -15,9 +15,9 @@ import pytest
 from onnx import helper
 from onnx_builders import model, weights
 
-from ghn_onnx.converters import convert
-from ghn_onnx.graph import Graph
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.convert import convert
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.primitives import Primitive
 
 C = 8
 X = {"x": [1, 3, 8, 8]}

@@ -12,8 +12,8 @@ import pytest
 import torch
 from reference_graphs import compare, load_reference
 
-from ghn_onnx.converters import convert
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.convert import convert
+from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.training import (
     CELL_OPS, EVAL_SIZES, SPLITS, ArchPool, ArchSpec, Genotype, GraphRefreshError, TrainingStream,
     arch_graph, arch_onnx, build_net, count_params, eval_keys, eval_specs, eval_width, plan_network,

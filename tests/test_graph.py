@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ghn_onnx.graph import Graph, Layout, LayoutStep, Node, ParamRef, to_4d, topological_order
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.graph.graph import Graph, Layout, LayoutStep, Node, ParamRef, to_4d, topological_order
+from ghn_onnx.graph.primitives import Primitive
 
 
 @pytest.mark.parametrize("shape, expected", [

@@ -6,9 +6,9 @@ import numpy as np
 from onnx import helper, numpy_helper
 from onnx_builders import model, save, weights
 
-from ghn_onnx.converters import convert
-from ghn_onnx.inspection import TensorCount, build_report, format_report, inspect_model
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.convert import convert
+from ghn_onnx.report.inspection import TensorCount, build_report, format_report, inspect_model
+from ghn_onnx.graph.primitives import Primitive
 
 
 def report_of(m):

@@ -29,23 +29,23 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ghn_onnx import kernels  # noqa: E402
-from ghn_onnx.batch import GraphBatch  # noqa: E402
-from ghn_onnx.converters import convert_file  # noqa: E402
+from ghn_onnx.ghn import triton_support  # noqa: E402
+from ghn_onnx.graph.batch import GraphBatch  # noqa: E402
+from ghn_onnx.convert import convert_file  # noqa: E402
 from ghn_onnx.ghn import GHN  # noqa: E402
 from ghn_onnx.ghn import checkpoint  # noqa: E402
-from ghn_onnx.ghn.parameters import tile  # noqa: E402
-from ghn_onnx.graph import Graph  # noqa: E402
-from ghn_onnx.kernels import _common  # noqa: E402
-from ghn_onnx.kernels.bench import bench_kernels  # noqa: E402
-from ghn_onnx.kernels.decode import decode_flat, decode_reference, split_flat, tile_reference  # noqa: E402
+from ghn_onnx.ghn.decode.parameters import tile  # noqa: E402
+from ghn_onnx.graph.graph import Graph  # noqa: E402
+
+from ghn_onnx.benchmarks.kernels import bench_kernels  # noqa: E402
+from ghn_onnx.ghn.decode.triton_store import decode_flat, decode_reference, split_flat, tile_reference  # noqa: E402
 from ghn_graphs import (assert_same_predictions, fresh_ghn, odd_shapes_graph, random_dag,  # noqa: E402
                         small_head_graph, two_node_graph)
-from ghn_onnx.kernels.message_passing import (_sweep_kernel, message_passing,  # noqa: E402
+from ghn_onnx.ghn.hypernet.triton_sweep import (_sweep_kernel, message_passing,  # noqa: E402
                                               message_passing_reference)
 
 # Triton and our kernels were both set up in the mode this process runs the kernels in.
-IN_PROCESS = _common.interpreted(tl.sigmoid) == INTERPRET == _common.interpreted(_sweep_kernel)
+IN_PROCESS = triton_support.interpreted(tl.sigmoid) == INTERPRET == triton_support.interpreted(_sweep_kernel)
 _ELSEWHERE = "Triton was imported before TRITON_INTERPRET was set: see test_kernels_in_fresh_process"
 
 DEVICES = [
@@ -158,13 +158,13 @@ def test_kernels_in_fresh_process():
 
 def test_compiled_kernel_refuses_cpu_tensors():
     with pytest.raises(ValueError, match="Expected a CUDA tensor"):
-        _common.check_kernel_device(torch.zeros(1), kernel=object())
+        triton_support.check_kernel_device(torch.zeros(1), kernel=object())
 
 
 def test_available_needs_cuda_and_a_supported_size():
-    assert not kernels.available("cpu")
-    assert not kernels.available("cuda", hid=48)
-    assert kernels.available("cuda") == (importlib.util.find_spec("triton") is not None)
+    assert not triton_support.available("cpu")
+    assert not triton_support.available("cuda", hid=48)
+    assert triton_support.available("cuda") == (importlib.util.find_spec("triton") is not None)
 
 
 @pytest.mark.parametrize("device", DEVICES[1:])

@@ -8,7 +8,7 @@ import pytest
 from conftest import PARITY_MODELS
 from reference_graphs import compare, load_reference
 
-from ghn_onnx.converters import convert_file
+from ghn_onnx.convert import convert_file
 
 
 def test_the_parametrized_list_is_the_fixture_list(parity_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import PARITY_MODELS
-from ghn_onnx.converters import convert_file
+from ghn_onnx.convert import convert_file
 from ghn_onnx.ghn import checkpoint
 
 

@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ghn_onnx import writeback
-from ghn_onnx.converters import load_model
+from ghn_onnx.writeback import write as writeback
+from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.errors import CheckpointError, GhnOnnxError
 from ghn_onnx.ghn import GHN, GHNConfig, checkpoint
-from ghn_onnx.predict import predict, predict_files
+from ghn_onnx.pipeline import predict, predict_files
 
 SMALL = ("deepnets_17", "deepnets_6", "resnet18")
 

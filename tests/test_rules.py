@@ -7,9 +7,9 @@ import pytest
 from onnx import helper
 from onnx_builders import conv_model, model, weights
 
-from ghn_onnx.converters import convert
-from ghn_onnx.graph import Graph
-from ghn_onnx.primitives import Primitive
+from ghn_onnx.convert import convert
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.primitives import Primitive
 
 
 def types(graph: Graph) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ghn_onnx.datasets import CLASSES, BatchStream, ImageSet, augment, load_cifar10, train_val_split
+from ghn_onnx.training.datasets import CLASSES, BatchStream, ImageSet, augment, load_cifar10, train_val_split
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.training.generator import ArchPool, TrainingStream
 from ghn_onnx.training.trainer import TrainConfig, Trainer, init_ghn, lr_at

@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from ghn_onnx.calibration import calibrate_bn, iter_batches
+from ghn_onnx.bn.calibration import calibrate_bn, iter_batches
 from ghn_onnx.cli import main
-from ghn_onnx.converters import load_model
+from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.ghn import GHN, GHNConfig, checkpoint
-from ghn_onnx.predict import predict_models, prepare
-from ghn_onnx.unfold import folded_convs, predict_unfolded, unfolded_graph
+from ghn_onnx.pipeline import predict_models, prepare
+from ghn_onnx.writeback.unfold import folded_convs, predict_unfolded, unfolded_graph
 from reference_graphs import compare_structure
 
 

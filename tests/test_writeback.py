@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 import ghn_onnx
-from ghn_onnx.converters import convert, load_model
+from ghn_onnx.convert import convert
+from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.storage import stored_tensors, untie_aliases
-from ghn_onnx import writeback
-from ghn_onnx.writeback import resolve_shared, save_model, shared_tensors, write_predictions
+from ghn_onnx.onnx_io.storage import stored_tensors, untie_aliases
+from ghn_onnx.writeback import write as writeback
+from ghn_onnx.writeback.write import resolve_shared, save_model, shared_tensors, write_predictions
 from writeback_models import (TinyResNet, bf16_conv_model, export, matmul_model, randomise_bn, run,
                                     transpose_matmul_model)
 

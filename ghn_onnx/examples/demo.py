@@ -42,15 +42,15 @@ def find_data(given: Path | None) -> Path | None:
 @click.option("--test-images", type=int, default=10000, show_default=True, help="Test images to evaluate on.")
 @click.option("--calibration-images", type=int, default=512, show_default=True, help="Images for BN statistics.")
 def main(out: Path, data: Path | None, checkpoint: Path | None, test_images: int, calibration_images: int) -> None:
-    from ghn_onnx.calibration import calibrate_bn, iter_batches
-    from ghn_onnx.converters import load_model
-    from ghn_onnx.datasets import load_cifar10, normalize
+    from ghn_onnx.bn.calibration import calibrate_bn, iter_batches
+    from ghn_onnx.onnx_io.loading import load_model
+    from ghn_onnx.training.datasets import load_cifar10, normalize
     from ghn_onnx.errors import GhnOnnxError
     from ghn_onnx.examples.export_resnet18 import export_resnet18
     from ghn_onnx.ghn import checkpoint as ckpt
-    from ghn_onnx.predict import predict_files
+    from ghn_onnx.pipeline import predict_files
     from ghn_onnx.training.evaluation import onnx_accuracy, random_subset
-    from ghn_onnx.writeback import save_model
+    from ghn_onnx.writeback.write import save_model
 
     ckpt_path = checkpoint or ckpt.default_checkpoint()
     if ckpt_path is None:
@@ -66,7 +66,7 @@ def main(out: Path, data: Path | None, checkpoint: Path | None, test_images: int
     data = find_data(data)
     if data is None:
         click.echo("CIFAR-10 not found: BN statistics not calibrated, accuracy not measured. Get the data with\n"
-                   "  python -c \"from ghn_onnx.datasets import load_cifar10; load_cifar10()\"   (downloads it)\n"
+                   "  python -c \"from ghn_onnx.training.datasets import load_cifar10; load_cifar10()\"   (downloads it)\n"
                    "or pass --data PATH (image folder or .zip with train/<class>/*.jpg, or cifar-10-batches-py).")
         return
     try:

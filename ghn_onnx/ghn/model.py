@@ -13,18 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ghn_onnx import kernels
-from ghn_onnx.batch import GraphBatch
-from ghn_onnx.ghn import flat_decode, fused_sweep, fused_tiling
+from ghn_onnx.ghn import triton_support
+from ghn_onnx.graph.batch import GraphBatch
+from ghn_onnx.ghn.decode import flat as flat_decode, numba_store as fused_tiling
+from ghn_onnx.ghn.hypernet import numba_sweep as fused_sweep
 from ghn_onnx.ghn.config import GHNConfig
-from ghn_onnx.ghn.decoder import ConvDecoder, Decoder1D
-from ghn_onnx.ghn.flat_decode import TAPS_PER_CHUNK, classifier_nodes
-from ghn_onnx.ghn.gatedgnn import GatedGNN
-from ghn_onnx.ghn.parameters import (expand_tile, normalize_bias, normalize_scale, normalize_weight,
+from ghn_onnx.ghn.decode.decoder import ConvDecoder, Decoder1D
+from ghn_onnx.ghn.decode.flat import TAPS_PER_CHUNK, classifier_nodes
+from ghn_onnx.ghn.hypernet.gatedgnn import GatedGNN
+from ghn_onnx.ghn.decode.parameters import (expand_tile, normalize_bias, normalize_scale, normalize_weight,
                                      tile, weight_scale)
 from ghn_onnx.ghn.shape_encoder import ShapeEncoder
-from ghn_onnx.graph import Graph
-from ghn_onnx.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,14 @@ class GHN(nn.Module):
 
         ``sequential`` runs the reference loop. Otherwise, without autograd on CPU, the fused
         compiled sweep runs; without autograd on CUDA with Triton, the Triton kernel
-        (:mod:`ghn_onnx.kernels.message_passing`); otherwise the level-by-level PyTorch sweep."""
+        (:mod:`ghn_onnx.ghn.hypernet.triton_sweep`); otherwise the level-by-level PyTorch sweep."""
         h = self.initial_states(batch)
         if sequential:
             h = self.gnn.forward_sequential(h, batch)
         elif h.device.type == "cpu" and not torch.is_grad_enabled() and fused_sweep.available():
             h = fused_sweep.run(self.gnn, h, batch)
-        elif not torch.is_grad_enabled() and kernels.available(h.device, self.config.hid):
-            from ghn_onnx.kernels.message_passing import message_passing  # imports Triton
+        elif not torch.is_grad_enabled() and triton_support.available(h.device, self.config.hid):
+            from ghn_onnx.ghn.hypernet.triton_sweep import message_passing  # imports Triton
 
             h = message_passing(self.gnn, h, batch)
         else:
@@ -115,7 +116,7 @@ class GHN(nn.Module):
         """Node states ``(N, hid)`` → per graph ``{tensor: canonical-shape tensor}``.
 
         Without autograd (and not ``reference``) every tensor is written at once into one flat
-        buffer (:mod:`~ghn_onnx.ghn.flat_decode`: numba on CPU, Triton on CUDA); the tensors are
+        buffer (:mod:`~ghn_onnx.ghn.decode.flat`: numba on CPU, Triton on CUDA); the tensors are
         views of it. Otherwise :meth:`decode_tensors`, tensor by tensor. Same values.
         """
         if not reference and not torch.is_grad_enabled():
@@ -161,8 +162,8 @@ class GHN(nn.Module):
         if h.device.type == "cpu" and fused_tiling.available():
             plan = flat_decode.decode_plan(self, batch, h.device)
             flat, index = fused_tiling.store(flat_decode.decode_sources(self, h.float(), plan), plan), plan.index
-        elif kernels.available(h.device, self.config.hid):
-            from ghn_onnx.kernels.decode import decode_flat  # imports Triton
+        elif triton_support.available(h.device, self.config.hid):
+            from ghn_onnx.ghn.decode.triton_store import decode_flat  # imports Triton
 
             flat, index = decode_flat(self, h, batch)
         else:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ghn_onnx.graph import Shape
+from ghn_onnx.graph.graph import Shape
 
 
 def channel_vocabulary(num_classes: int) -> np.ndarray:

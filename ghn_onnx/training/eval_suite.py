@@ -9,7 +9,7 @@ seed, BN mode). Sections:
    and every network's value.
 2. ``torchvision``: ResNet-18 / ResNet-50 / MobileNetV2 adjusted for 32x32
    (:mod:`.cifar_models`), exported to ONNX, predicted through the product pipeline
-   (:func:`ghn_onnx.predict.predict_models`) and run in onnxruntime with BN on batch statistics
+   (:func:`ghn_onnx.pipeline.predict_models`) and run in onnxruntime with BN on batch statistics
    (:func:`batch_stats_model`) and calibrated (:func:`calibrate_bn` on training images, then plain
    inference); the same models at PyTorch's default initialisation in both modes as baseline.
 3. ``training``: SGD (the GHN-2 protocol of :func:`sgd_curve`) from random initialisation and
@@ -36,13 +36,13 @@ import onnx
 import torch
 
 from ghn_onnx import __version__
-from ghn_onnx.calibration import batch_stats_model, calibrate_bn, iter_batches
-from ghn_onnx.datasets import ImageSet, load_cifar10, normalize, train_val_split
+from ghn_onnx.bn.calibration import batch_stats_model, calibrate_bn, iter_batches
+from ghn_onnx.training.datasets import ImageSet, load_cifar10, normalize, train_val_split
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.model import GHN
-from ghn_onnx.graph import Graph
-from ghn_onnx.predict import predict_models
-from ghn_onnx.storage import untie_aliases
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.pipeline import predict_models
+from ghn_onnx.onnx_io.storage import untie_aliases
 from ghn_onnx.training.cifar_models import TORCHVISION_MODELS, cifar_model, export_model, parameters_from_onnx
 from ghn_onnx.training.evaluation import accuracy, mean_and_sem, onnx_accuracy, random_subset, sgd_curve
 from ghn_onnx.training.generator import EVAL_SIZES, arch_graph, eval_specs, eval_width

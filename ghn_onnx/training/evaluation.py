@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ghn_onnx.datasets import BatchStream, ImageSet, normalize
+from ghn_onnx.training.datasets import BatchStream, ImageSet, normalize
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def onnx_accuracy(model: bytes | onnx.ModelProto, data: ImageSet, batch_size: in
     """Top-1 accuracy of an ONNX model (serialized or a ``ModelProto``) in onnxruntime.
 
     The batches are ``data`` in its order, ``batch_size`` at a time (the last may be smaller):
-    with batch-statistics BN (:func:`ghn_onnx.calibration.batch_stats_model`) the result depends
+    with batch-statistics BN (:func:`ghn_onnx.bn.calibration.batch_stats_model`) the result depends
     on them. ``threads`` sets onnxruntime's intra-op threads (0: its default). Worker threads do
     not spin while idle, so a concurrent process keeps its CPU.
     """

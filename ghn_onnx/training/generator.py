@@ -1,7 +1,7 @@
 """Training and evaluation architectures for a GHN, as graphs read through the ONNX converter.
 
 Every graph the GHN trains on is made the way a user's model is: the network is exported with
-PyTorch's TorchScript exporter, exporter aliases are untied, and :func:`ghn_onnx.converters.convert`
+PyTorch's TorchScript exporter, exporter aliases are untied, and :func:`ghn_onnx.convert.convert`
 reads it. Exporting costs 0.1-1 s per network, so :class:`ArchPool` exports a new architecture
 only while exports stay within a fraction of the training time, and otherwise re-uses an exported
 architecture at a freshly drawn width through :func:`refresh_shapes` (milliseconds).
@@ -28,10 +28,10 @@ import onnx
 import torch
 import torch.nn as nn
 
-from ghn_onnx.converters import convert
+from ghn_onnx.convert import convert
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.graph import Graph, Layout, LayoutStep, Node, ParamRef
-from ghn_onnx.storage import untie_aliases
+from ghn_onnx.graph.graph import Graph, Layout, LayoutStep, Node, ParamRef
+from ghn_onnx.onnx_io.storage import untie_aliases
 from ghn_onnx.training.network import Network, build_net
 from ghn_onnx.training.sampling import GEN_C, GEN_FC_DIM, sample_arch, sample_width
 from ghn_onnx.training.spec import ArchSpec

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ghn_onnx.errors import CheckpointError
-from ghn_onnx.datasets import ImageSet, load_cifar10, train_val_split
+from ghn_onnx.training.datasets import ImageSet, load_cifar10, train_val_split
 from ghn_onnx.ghn import GHNConfig
 from ghn_onnx.training.evaluation import accuracy, mean_and_sem, random_subset
 from ghn_onnx.training.generator import ArchPool, TrainingStream, arch_graph, build_net

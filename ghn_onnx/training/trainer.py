@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ghn_onnx.datasets import BatchStream, ImageSet
+from ghn_onnx.training.datasets import BatchStream, ImageSet
 from ghn_onnx.errors import CheckpointError
 from ghn_onnx.ghn import GHN, GHNConfig, checkpoint
-from ghn_onnx.graph import Graph
+from ghn_onnx.graph.graph import Graph
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,243 @@
+"""An index over an ONNX graph: who produces and consumes each tensor, which tensors carry data
+(depend on a graph input) and which are stored constants, and how a node input traces back to
+the stored tensor it comes from (through Transpose / Reshape / Cast / Identity / Constant)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ghn_onnx.graph.graph import Layout, LayoutStep
+
+# Ops that only move, rename or re-type values: followed when tracing a parameter back to its
+# storage, and looked through when matching gates and attention.
+SHAPE_ONLY_OPS = frozenset({
+    "Identity", "Cast", "CastLike", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+    "Expand", "Dropout",
+})
+# Ops whose output describes a tensor's shape rather than its values.
+METADATA_OPS = frozenset({"Shape", "Size"})
+# Initializers up to this many elements (shapes, axes, scalars) keep their values for shape inference.
+SMALL_TENSOR = 64
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a node input's value is stored and how to get from that storage to the input."""
+
+    name: str  # initializer name, or output name of a Constant node
+    dtype: int
+    shape: tuple[int, ...]
+    layout: Layout  # stored -> the value the consuming node sees
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
+class TensorIndex:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.graph = g
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        self.constants: dict[str, onnx.TensorProto] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in g.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+            if node.op_type == "Constant" and node.output:
+                value = next((a for a in node.attribute if a.name == "value"), None)
+                if value is not None and value.type == onnx.AttributeProto.TENSOR:
+                    self.constants[node.output[0]] = value.t
+        self.inputs = [i.name for i in g.input if i.name not in self.initializers]
+        self.outputs = [o.name for o in g.output]
+        self.ranks = _ranks(model)
+        self._data: dict[str, bool] = {}
+
+    # -- data flow ---------------------------------------------------------------------------
+    def is_data(self, name: str) -> bool:
+        """True if the tensor's values depend on a graph input (activations, not weights)."""
+        if not name:
+            return False
+        if name in self._data:
+            return self._data[name]
+        stack = [name]
+        while stack:  # iterative post-order: graphs can be thousands of nodes deep
+            t = stack[-1]
+            if t in self._data:
+                stack.pop()
+                continue
+            if t in self.inputs:
+                self._data[t] = True
+            elif t in self.initializers or t in self.constants or t not in self.producer:
+                self._data[t] = False
+            else:
+                node = self.producer[t]
+                if node.op_type in METADATA_OPS:
+                    self._data[t] = False
+                else:
+                    pending = [i for i in node.input if i and i not in self._data]
+                    if pending:
+                        stack.extend(pending)
+                        continue
+                    self._data[t] = any(self._data.get(i, False) for i in node.input if i)
+            stack.pop()
+        return self._data[name]
+
+    def data_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i and self.is_data(i)]
+
+    def through_shape_ops(self, name: str) -> str:
+        """Follow a data tensor upwards through shape-only ops to the tensor they re-view."""
+        while name in self.producer and self.producer[name].op_type in SHAPE_ONLY_OPS:
+            node = self.producer[name]
+            if not node.input or not self.is_data(node.input[0]):
+                break
+            name = node.input[0]
+        return name
+
+    def data_ancestors(self, name: str) -> set[str]:
+        """All data tensors ``name`` depends on, itself included."""
+        seen: set[str] = set()
+        stack = [name]
+        while stack:
+            t = stack.pop()
+            if t in seen or not self.is_data(t):
+                continue
+            seen.add(t)
+            if t in self.producer:
+                stack.extend(i for i in self.producer[t].input if i)
+        return seen
+
+    # -- stored tensors ----------------------------------------------------------------------
+    def stored(self, name: str) -> StoredTensor | None:
+        """Trace a non-data input back to the tensor stored in the file, or None if it is
+        computed in a way that cannot be inverted (then it is not a predictable parameter)."""
+        if not name or self.is_data(name):
+            return None
+        if name in self.initializers or name in self.constants:
+            t = self.initializers.get(name) or self.constants[name]
+            return StoredTensor(name, t.data_type, tuple(int(d) for d in t.dims), Layout())
+        node = self.producer.get(name)
+        if node is None or not node.input:
+            return None
+        src = self.stored(node.input[0])
+        if src is None:
+            return None
+        shape = src.layout.canonical_shape(src.shape)
+        op = node.op_type
+        if op in ("Identity", "Cast", "CastLike"):
+            return src
+        if op == "Transpose":
+            perm = _attr(node, "perm") or list(reversed(range(len(shape))))
+            return _with_step(src, LayoutStep("transpose", tuple(int(p) for p in perm)))
+        new_shape = self._reshaped(node, shape)
+        if new_shape is None:
+            return None
+        return _with_step(src, LayoutStep("reshape", (tuple(shape), tuple(new_shape))))
+
+    def _reshaped(self, node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        op = node.op_type
+        dummy = np.empty(shape, dtype=np.uint8)
+        try:
+            if op == "Reshape":
+                target = self.constant_value(node.input[1])
+                if target is None:
+                    return None
+                target = [shape[i] if (d == 0 and not _attr(node, "allowzero")) else int(d)
+                          for i, d in enumerate(target.tolist())]
+                return tuple(dummy.reshape(target).shape)
+            if op == "Flatten":
+                axis = _attr(node, "axis")
+                axis = 1 if axis is None else axis
+                axis = axis % len(shape) if len(shape) else 0
+                return (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
+            if op in ("Squeeze", "Unsqueeze"):
+                axes = _attr(node, "axes")
+                if axes is None and len(node.input) > 1:
+                    value = self.constant_value(node.input[1])
+                    axes = None if value is None else value.tolist()
+                if op == "Squeeze":
+                    return tuple(np.squeeze(dummy, axis=tuple(axes) if axes is not None else None).shape)
+                if axes is None:
+                    return None
+                return tuple(np.expand_dims(dummy, axis=tuple(axes)).shape)
+        except (ValueError, IndexError, TypeError, np.exceptions.AxisError):
+            return None
+        return None
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of a static tensor (following only Identity/Cast), or None."""
+        while name in self.producer and self.producer[name].op_type in ("Identity", "Cast"):
+            name = self.producer[name].input[0]
+        t = self.initializers.get(name) or self.constants.get(name)
+        if t is None:
+            return None
+        return numpy_helper.to_array(t)
+
+    def rank(self, name: str) -> int | None:
+        return self.ranks.get(name)
+
+
+def _with_step(src: StoredTensor, step: LayoutStep) -> StoredTensor:
+    return StoredTensor(src.name, src.dtype, src.shape, src.layout.then(step))
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return None
+
+
+def get_attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute's value (ints as lists, strings as bytes), or ``default``."""
+    value = _attr(node, name)
+    return default if value is None else value
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks from ONNX shape inference, on a copy without the weights (so models over
+    2 GB work too). Small initializers (target shapes, axes, scalars) keep their values: without
+    them a ``Reshape`` has no known rank, and neither has anything after it. Missing entries just
+    mean the rank is unknown."""
+    def small(t: onnx.TensorProto) -> bool:  # and held in the file itself, not in external data
+        return (math.prod(t.dims) <= SMALL_TENSOR
+                and t.data_location != onnx.TensorProto.EXTERNAL)
+
+    # Build the skeleton field by field: copying the whole model would copy every weight.
+    g = model.graph
+    skeleton = onnx.helper.make_model(
+        onnx.helper.make_graph(list(g.node), g.name, list(g.input), list(g.output),
+                               [t for t in g.initializer if small(t)], value_info=list(g.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    # An initializer without data would fail inference; keep the weights as typed graph inputs.
+    names = {i.name for i in skeleton.graph.input}
+    for t in g.initializer:
+        if not small(t) and t.name not in names:
+            skeleton.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    skeleton.functions.extend(model.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+    except Exception:  # inference is best effort: unknown ops or shapes only lose rank facts
+        inferred = skeleton
+    ranks: dict[str, int] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
