@@ -5,15 +5,23 @@ Node ``i`` of graph ``b`` has global id ``offsets[b] + i``. A node's forward lev
 of the longest one-hop path reaching it; all nodes of a level depend only on lower levels, so a
 forward sweep can update them together (likewise backwards with the longest path leaving it).
 Virtual edges never break this: they join an ancestor to a descendant.
+
+What an engine derives from the graphs alone (device index tensors, CSR arrays, decoding plans)
+is a *plan*: a frozen dataclass built once by :meth:`GraphBatch.plan` and owned by the batch,
+keyed by the function that builds it, the device it lives on and any extra key. The graphs of a
+batch never change, so plans never go stale.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, TypeVar
 
 import numpy as np
 
 from ghn_onnx.graph.graph import Graph
+
+P = TypeVar("P")
 
 
 @dataclass
@@ -42,6 +50,18 @@ class GraphBatch:
     edges: np.ndarray  # (E, 3) global [src, dst, dist], dist == 1 for one-hop edges
     forward: list[SweepLevel]
     backward: list[SweepLevel]
+    _plans: dict[tuple, object] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def plan(self, build: Callable[..., P], device: object = "cpu", key: Hashable = ()) -> P:
+        """``build(self, device, *key)``, built on first use and kept: one plan per builder,
+        device and key. ``device`` is anything whose ``str`` names a device (a string or a
+        ``torch.device``); the builder receives it as given."""
+        cache_key = (build.__module__, build.__qualname__, str(device), key)
+        found = self._plans.get(cache_key)
+        if found is None:
+            found = self._plans[cache_key] = build(self, device, *key) if isinstance(key, tuple) else \
+                build(self, device, key)
+        return found  # type: ignore[return-value]
 
     @property
     def n_nodes(self) -> int:
