@@ -52,15 +52,14 @@ class GraphBatch:
     backward: list[SweepLevel]
     _plans: dict[tuple, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def plan(self, build: Callable[..., P], device: object = "cpu", key: Hashable = ()) -> P:
+    def plan(self, build: Callable[..., P], device: object = "cpu", key: tuple[Hashable, ...] = ()) -> P:
         """``build(self, device, *key)``, built on first use and kept: one plan per builder,
         device and key. ``device`` is anything whose ``str`` names a device (a string or a
         ``torch.device``); the builder receives it as given."""
         cache_key = (build.__module__, build.__qualname__, str(device), key)
         found = self._plans.get(cache_key)
         if found is None:
-            found = self._plans[cache_key] = build(self, device, *key) if isinstance(key, tuple) else \
-                build(self, device, key)
+            found = self._plans[cache_key] = build(self, device, *key)
         return found  # type: ignore[return-value]
 
     @property
