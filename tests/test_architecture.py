@@ -4,6 +4,7 @@ side (reading ONNX, converting it, the graph) never imports the output side."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,35 @@ def test_input_side_does_not_import_output_side(side):
     bad = sorted((m, t) for m, targets in graph.items() if m == side or m.startswith(side + ".")
                  for t in targets if any(t == o or t.startswith(o + ".") for o in OUTPUT_SIDE))
     assert not bad, bad
+
+
+def layout_table() -> str:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    return readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_layout_names_only_what_exists():
+    """Every path the README's layout table names exists (folders end in /, files are relative
+    to the folder named before them on the same row)."""
+    missing = []
+    for row in layout_table().splitlines():
+        if not row.startswith("|"):
+            continue
+        folder = PACKAGE.parent
+        for ref in re.findall(r"`([^`\s]+)`", row):
+            if ref.endswith("/"):
+                folder = PACKAGE.parent / ref
+                if not folder.is_dir():
+                    missing.append(ref)
+            elif "/" in ref or ref.endswith((".py", ".md")):
+                path = PACKAGE.parent / ref if "/" in ref else folder / ref
+                if not path.exists():
+                    missing.append(str(path.relative_to(PACKAGE.parent)))
+    assert not missing, missing
+
+
+def test_readme_layout_names_every_package_folder():
+    table = layout_table()
+    folders = sorted(str(p.parent.relative_to(PACKAGE.parent)) + "/" for p in PACKAGE.rglob("__init__.py"))
+    unnamed = [f for f in folders if f"`{f}`" not in table]
+    assert not unnamed, unnamed
