@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ghn_onnx.benchmarks.suite import export_cifar_resnet50, interleaved, synchronizer, timed
+from ghn_onnx.benchmarks.kernels import DEEPNETS, parity_dir
+from ghn_onnx.benchmarks.suite import export_cifar_resnet50
+from ghn_onnx.benchmarks.timing import interleaved, synchronizer, timed
 from ghn_onnx.convert import convert_file
 from ghn_onnx.ghn import checkpoint
 from ghn_onnx.ghn.decode import numba_store as fused_tiling
-from ghn_onnx.benchmarks.kernels import DEEPNETS, parity_dir
 from ghn_onnx.pipeline import predict_files
 
 NO_SYNC = synchronizer(torch.device("cpu"))

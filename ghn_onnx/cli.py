@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ghn_onnx import __version__
 from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.version import __version__
 
 if TYPE_CHECKING:
     from ghn_onnx.graph.graph import Graph
@@ -89,19 +89,14 @@ def _draw(graph: Graph, path: Path, fmt: str) -> None:
 # -- predict -------------------------------------------------------------------------------------
 
 def _load_ghn(checkpoint_path: Path | None, device: str):
-    from ghn_onnx.ghn import checkpoint
+    """The GHN of ``--checkpoint`` (default: the shipped one) and its file."""
+    from ghn_onnx.pipeline import load_ghn, resolve_checkpoint
 
-    if checkpoint_path is None:
-        path = checkpoint.default_checkpoint()
-        if path is None:
-            raise InputError("no trained checkpoint ships with this version yet: pass --checkpoint "
-                             "GHN.safetensors (see `ghn-onnx train` and `ghn-onnx convert-checkpoint`)")
-        checkpoint_path = path
     try:
-        ghn = checkpoint.load(checkpoint_path, device=device)
+        path = resolve_checkpoint(checkpoint_path)
+        return load_ghn(path, device=device), path
     except GhnOnnxError as exc:
         raise InputError(str(exc)) from None
-    return ghn, checkpoint_path
 
 
 def _check_device(device: str) -> str:
@@ -110,18 +105,6 @@ def _check_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available")
     return device
-
-
-def _calibrator(data: Path, images: int, batch_size: int, seed: int):
-    """A ``calibrate(model, graph) -> (model, status)`` for :func:`ghn_onnx.pipeline.predict_files`."""
-    from ghn_onnx.bn.calibration import calibrate_bn, data_input, iter_batches, load_calibration_data
-
-    def calibrate(model, graph):
-        _, _, shape = data_input(model)
-        x = load_calibration_data(data, shape, images, seed)
-        return calibrate_bn(model, iter_batches(x, batch_size), graph=graph), f"calibrated:{images}"
-
-    return calibrate
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -156,7 +139,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
     from tqdm import tqdm
 
     from ghn_onnx.ghn.checkpoint import file_sha256
-    from ghn_onnx.pipeline import predict_files
+    from ghn_onnx.pipeline import PredictOptions, predict_files
 
     if (output is None) == (output_dir is None):
         raise InputError("give exactly one of -o OUT.onnx (one input) or -O OUTDIR")
@@ -168,26 +151,12 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
     else:
         outputs = [output]
     ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
-    calibrate = _calibrator(calibrate_data, calibration_images, batch_size, seed) if calibrate_data else None
-    metadata = {"checkpoint_sha256": file_sha256(ckpt)}
-    unfold = None
-    if unfold_bn:
-        from ghn_onnx.bn.calibration import data_input, iter_batches, load_calibration_data
-        from ghn_onnx.writeback.unfold import predict_unfolded
-
-        if calibrate_data is None:
-            click.echo("warning: --unfold-bn without --calibrate: BN statistics are taken as mean 0, var 1; "
-                       "pass --calibrate IMAGES to measure them", err=True)
-
-        def unfold(model, graph):
-            batches = None
-            if calibrate_data is not None:
-                x = load_calibration_data(calibrate_data, data_input(model)[2], calibration_images, seed)
-                batches = list(iter_batches(x, batch_size))
-            return predict_unfolded(model, graph, ghn, batches, metadata)
+    options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=batch_size,
+                             seed=seed, unfold_bn=unfold_bn, device=device,
+                             metadata={"checkpoint_sha256": file_sha256(ckpt)})
     try:
         results = predict_files(
-            models, outputs, ghn, metadata=metadata, calibrate=calibrate, unfold=unfold,
+            models, outputs, ghn, options,
             progress=lambda it: tqdm(it, desc="write", unit="model", disable=as_json or len(models) < 2),
         )
     except GhnOnnxError as exc:
@@ -213,12 +182,13 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the image subset.")
 def calibrate(model, output, data, images, batch_size, seed) -> None:
     """Measure BN running statistics of IN.onnx on images and write them (nothing else changes)."""
+    from ghn_onnx.bn.calibration import calibrate_bn, calibration_batches
     from ghn_onnx.onnx_io.loading import load_model
     from ghn_onnx.writeback.write import save_model
 
     try:
         m = load_model(model)
-        calibrated, _ = _calibrator(data, images, batch_size, seed)(m, None)
+        calibrated = calibrate_bn(m, calibration_batches(m, data, images, batch_size, seed))
         save_model(calibrated, output, source_path=model)
     except GhnOnnxError as exc:
         raise InputError(str(exc)) from None

@@ -1,8 +1,16 @@
 """ONNX in, ONNX with predicted parameters out: the product's main entry point.
 
 :func:`predict_models` converts each model to a GHN graph, runs the GHN once over the batch of
-graphs, and writes the predictions back in each tensor's stored layout and dtype.
-:func:`predict_files` does the same file to file, with optional BN calibration.
+graphs, writes the predictions back in each tensor's stored layout and dtype, and applies the
+:class:`PredictOptions` (BN calibration, BN unfolding). :func:`predict` does it for one model,
+:func:`predict_files` file to file. ``ghn-onnx predict`` builds a :class:`PredictOptions` from
+its flags and calls :func:`predict_files`; the package root re-exports this API::
+
+    >>> from ghn_onnx.pipeline import PredictOptions, load_ghn, predict
+    >>> ghn = load_ghn()  # the checkpoint shipped with the package
+    >>> result = predict("tests/fixtures/frameworks/torch_cnn.onnx", ghn, PredictOptions(seed=1))
+    >>> result.name, len(result.graph), result.bn_status, result.warnings
+    ('torch_cnn.onnx', 16, 'uncalibrated', [])
 
 Tied tensors: PyTorch exporters alias parameters whose values happen to be equal (every BN scale
 of a fresh network reads one all-ones tensor through ``Identity`` nodes); these are untied first,
@@ -12,33 +20,83 @@ predicted once, from the first layer in topological order.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import torch
 
+from ghn_onnx.bn.calibration import calibrate_bn, calibration_batches
 from ghn_onnx.convert import convert
-from ghn_onnx.onnx_io.loading import load_model
-from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.errors import CheckpointError, GhnOnnxError
+from ghn_onnx.ghn import checkpoint
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
+from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.onnx_io.storage import untie_aliases
-from ghn_onnx.writeback.unfold import folded_convs, is_virtual
+from ghn_onnx.writeback.unfold import fold_back, folded_convs, is_virtual, unfolded_graph, with_explicit_bn
 from ghn_onnx.writeback.write import resolve_shared, save_model, write_predictions
 
 # Graphs decoded together in one GHN call; bounds memory when predicting many files.
 MAX_NODES_PER_CALL = 20_000
+UNCALIBRATED_UNFOLD_WARNING = ("BN unfolded without calibration images: the unfolded BNs' statistics are "
+                               "mean 0, var 1; pass calibration images (--calibrate IMAGES) to measure them")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict; ``ghn-onnx predict``'s flags, as one value.
+
+    Attributes:
+        calibrate: calibration images (folder, ``.zip``, ``.npy`` / ``.npz``; see
+            :func:`~ghn_onnx.bn.images.load_calibration_data`): measure BN running statistics on
+            them after prediction. ``None``: statistics stay as stored (BN status ``uncalibrated``).
+        calibration_images: how many images to draw, at random, from ``calibrate``.
+        batch_size: calibration batch size.
+        seed: seed of the calibration subset.
+        unfold_bn: predict BN-folded exports as their BN-kept originals (:func:`predict_unfolded`).
+        device: where the GHN runs. ``None``: CPU when the GHN is loaded here, else where the GHN
+            given is; a GHN given on another device is an error.
+        metadata: extra ``ghn_onnx.*`` metadata written into each output (string values).
+        reference: the sequential reference propagation (benchmarks and tests).
+    """
+
+    calibrate: str | os.PathLike | None = None
+    calibration_images: int = 512
+    batch_size: int = 64
+    seed: int = 0
+    unfold_bn: bool = False
+    device: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
+    reference: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
 
 
 @dataclass
 class Prediction:
-    """One predicted model and what a user should know about it."""
+    """One predicted model and what a user should know about it.
+
+    Attributes:
+        name: the model's name (the file name for a file).
+        model: the model with its predicted parameters (and calibrated BN statistics, if asked).
+        graph: the GHN graph the prediction was made on (the unfolded graph with ``unfold_bn``).
+        predicted_tensors, predicted_elements: what was predicted.
+        bn_status: ``none`` (no BN), ``uncalibrated``, ``calibrated:<images>``, ``folded`` (BN
+            folded into convs, predicted as a BN-free network), ``unfolded:calibrated`` or
+            ``unfolded:uncalibrated``. Also written as ``ghn_onnx.bn`` metadata.
+        warnings: how the graph was read, and what to do about it.
+        output: where it was written (:func:`predict_files`), else ``None``.
+        seconds: wall time for this model (:func:`predict_files`).
+    """
 
     name: str
     model: onnx.ModelProto
@@ -51,6 +109,7 @@ class Prediction:
     seconds: float = 0.0
 
     def summary(self) -> dict:
+        """What ``ghn-onnx predict --json`` prints for this model (plain JSON types)."""
         return {
             "name": self.name,
             "output": self.output,
@@ -62,6 +121,71 @@ class Prediction:
             "seconds": round(self.seconds, 4),
         }
 
+
+# -- the GHN -------------------------------------------------------------------------------------
+
+def resolve_checkpoint(name_or_path: str | os.PathLike | None = None) -> Path:
+    """The checkpoint file: the shipped one for ``None`` or its name (``"ghn2_cifar10"``), else
+    ``name_or_path`` itself."""
+    shipped = checkpoint.default_checkpoint()
+    if name_or_path is None:
+        if shipped is None:
+            raise CheckpointError("no trained checkpoint ships with this version yet: pass a checkpoint "
+                                  "(--checkpoint GHN.safetensors; see `ghn-onnx train` and "
+                                  "`ghn-onnx convert-checkpoint`)")
+        return shipped
+    path = Path(name_or_path)
+    if shipped is not None and not path.exists() and path.name == str(name_or_path):
+        named = shipped.parent / f"{path.name}.safetensors"
+        if named.is_file():
+            return named
+    return path
+
+
+def load_ghn(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> GHN:
+    """A GHN from a checkpoint, ready to predict.
+
+    Args:
+        name_or_path: ``None`` for the checkpoint shipped with the package, the name of a shipped
+            checkpoint, or a ``.safetensors`` file (``ghn-onnx train`` / ``convert-checkpoint``).
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        CheckpointError: no such file, not a ghn-onnx checkpoint, keys or shapes that do not
+            match its configuration. GhnOnnxError: no CUDA device for ``device="cuda"``.
+
+    >>> load_ghn().config.hid
+    32
+    """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise GhnOnnxError(f"device {device!r}: no CUDA device is available")
+    return checkpoint.load(resolve_checkpoint(name_or_path), device=device)
+
+
+def _ghn_and_metadata(ghn: GHN | None, options: PredictOptions) -> tuple[GHN, dict[str, str]]:
+    """The GHN to run (the shipped one, stamped with its sha256, for ``None``) and the metadata."""
+    metadata = dict(options.metadata)
+    if ghn is None:
+        path = resolve_checkpoint(None)
+        ghn = load_ghn(path, options.device or "cpu")
+        metadata.setdefault("checkpoint_sha256", checkpoint.file_sha256(path))
+    elif options.device is not None:
+        want, have = torch.device(options.device), ghn.embed.weight.device
+        if want.type != have.type or (want.index is not None and want.index != have.index):
+            raise GhnOnnxError(f"Expected the GHN on {want} (got {have}): load it with "
+                               f"load_ghn(..., device={options.device!r}) or leave device unset")
+    return ghn, metadata
+
+
+def _options(options: PredictOptions | None, overrides: dict) -> PredictOptions:
+    known = {f.name for f in dataclasses.fields(PredictOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+    return dataclasses.replace(options or PredictOptions(), **overrides)
+
+
+# -- prediction ----------------------------------------------------------------------------------
 
 def prepare(model: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, Graph]:
     """Untie exporter aliases and convert: the model the predictions are written into, and its graph."""
@@ -94,35 +218,54 @@ def predict_graphs(ghn: GHN, graphs: Sequence[Graph], reference: bool = False) -
     return out
 
 
-Unfolder = Callable[[onnx.ModelProto, Graph], "tuple[onnx.ModelProto, Graph, str]"]
+def predict_unfolded(model: onnx.ModelProto, graph: Graph, ghn: GHN, batches: Iterable[np.ndarray] | None = None,
+                     metadata: Mapping[str, str] | None = None, reference: bool = False) -> Prediction:
+    """Predict a BN-folded ``model`` as its BN-kept original (:mod:`ghn_onnx.writeback.unfold`):
+    the GHN predicts the unfolded graph, each unfolded BN is made explicit, calibrated on
+    ``batches`` and folded back into its conv. ``graph`` must come from :func:`prepare`. Without
+    ``batches`` the statistics stay ``μ = 0, σ² = 1`` (and the prediction warns)."""
+    folds = folded_convs(model, graph)
+    if not folds:
+        raise GhnOnnxError(f"{graph.name}: --unfold-bn: no folded BatchNorm found (no exporter marks, "
+                           "no folding evidence)")
+    ugraph = unfolded_graph(graph, folds)
+    pred = predict_graphs(ghn, [ugraph], reference)[0]
+    virtual = {k for f in folds for k in (f.scale_key, f.shift_key)}
+    owners = resolve_shared(ugraph)
+    real = {k: v for k, v in pred.items() if k not in virtual and k in owners}
+    status = "unfolded:calibrated" if batches is not None else "unfolded:uncalibrated"
+    predicted = write_predictions(model, ugraph, real, metadata={**(metadata or {}), "bn": status})
+    explicit = with_explicit_bn(predicted, folds, pred)
+    if batches is not None:
+        explicit = calibrate_bn(explicit, batches)
+    refs = [p for node in ugraph.nodes for p in node.params if not is_virtual(p)]
+    warnings = list(ugraph.warnings) + ([] if batches is not None else [UNCALIBRATED_UNFOLD_WARNING])
+    return Prediction(name=graph.name, model=fold_back(predicted, explicit, folds), graph=ugraph,
+                      predicted_tensors=len(refs), predicted_elements=int(sum(p.numel for p in refs)),
+                      bn_status=status, warnings=warnings)
 
 
-def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[str] | None = None,
-                   metadata: dict[str, str] | None = None, reference: bool = False,
-                   unfold: Unfolder | None = None) -> list[Prediction]:
-    """Predict the parameters of several models with one batched GHN pass.
-
-    ``unfold(model, graph) -> (model, graph, bn status)`` handles BN-folded models instead (see
-    :func:`ghn_onnx.writeback.unfold.predict_unfolded`)."""
-    names = list(names or [f"model_{i}" for i in range(len(models))])
+def _predict_batch(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[str], options: PredictOptions,
+                   metadata: Mapping[str, str]) -> list[Prediction]:
+    """Every model predicted, BN statistics not calibrated yet (see :func:`_calibrate`)."""
     prepared = [prepare(m, n) for m, n in zip(models, names)]
-    folded = [unfold is not None and is_bn_folded(m, g) for m, g in prepared]
-    params = iter(predict_graphs(ghn, [g for (_, g), f in zip(prepared, folded) if not f], reference))
+    folded = [options.unfold_bn and is_bn_folded(m, g) for m, g in prepared]
+    params = iter(predict_graphs(ghn, [g for (_, g), f in zip(prepared, folded) if not f], options.reference))
     results = []
     for (model, graph), name, fold in zip(prepared, names, folded):
         if fold:
-            out, ugraph, status = unfold(model, graph)
-            n = [p for node in ugraph.nodes for p in node.params if not is_virtual(p)]
-            results.append(Prediction(name=name, model=out, graph=ugraph, predicted_tensors=len(n),
-                                      predicted_elements=int(sum(p.numel for p in n)), bn_status=status,
-                                      warnings=list(ugraph.warnings)))
+            batches = None
+            if options.calibrate is not None:
+                batches = calibration_batches(model, options.calibrate, options.calibration_images,
+                                              options.batch_size, options.seed)
+            results.append(dataclasses.replace(
+                predict_unfolded(model, graph, ghn, batches, metadata, options.reference), name=name))
             continue
         pred = next(params)
         status = bn_status(graph)
-        meta = {**(metadata or {}), "bn": status}
         owners = resolve_shared(graph)
         pred = {k: v for k, v in pred.items() if k in owners}
-        out = write_predictions(model, graph, pred, metadata=meta)
+        out = write_predictions(model, graph, pred, metadata={**metadata, "bn": status})
         results.append(Prediction(
             name=name, model=out, graph=graph, predicted_tensors=len(pred),
             predicted_elements=int(sum(v.size for v in pred.values())), bn_status=status,
@@ -131,39 +274,97 @@ def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
     return results
 
 
+def _calibrate(pred: Prediction, options: PredictOptions) -> None:
+    """Calibrate ``pred``'s BN statistics in place when ``options`` asks for it and it has BNs to
+    calibrate (unfolded models were calibrated before folding back)."""
+    if options.calibrate is None or pred.bn_status == "none" or pred.bn_status.startswith("unfolded"):
+        return
+    batches = calibration_batches(pred.model, options.calibrate, options.calibration_images, options.batch_size,
+                                  options.seed)
+    pred.model = calibrate_bn(pred.model, batches, graph=pred.graph)
+    pred.bn_status = f"calibrated:{options.calibration_images}"
+    _set_bn_metadata(pred.model, pred.bn_status)
+
+
 def is_bn_folded(model: onnx.ModelProto, graph: Graph) -> bool:
     return bool(folded_convs(model, graph))
 
 
-def predict(model: onnx.ModelProto, ghn: GHN, name: str = "model", metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """``predict(model, ghn) -> onnx.ModelProto`` with every supported parameter predicted."""
-    return predict_models([model], ghn, [name], metadata)[0].model
+def predict_models(models: Sequence[onnx.ModelProto], ghn: GHN | None = None, names: Sequence[str] | None = None,
+                   options: PredictOptions | None = None, **overrides) -> list[Prediction]:
+    """Predict the parameters of several models with one batched GHN pass (the models are not
+    modified). ``ghn=None`` loads the shipped checkpoint; ``options`` (or its fields as keyword
+    arguments) as :class:`PredictOptions`."""
+    options = _options(options, overrides)
+    ghn, metadata = _ghn_and_metadata(ghn, options)
+    names = list(names or [f"model_{i}" for i in range(len(models))])
+    preds = _predict_batch(models, ghn, names, options, metadata)
+    for pred in preds:
+        _calibrate(pred, options)
+    return preds
 
 
-def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os.PathLike], ghn: GHN, *,
-                  metadata: dict[str, str] | None = None,
-                  calibrate: Callable[[onnx.ModelProto, Graph], tuple[onnx.ModelProto, str]] | None = None,
-                  progress: Callable[[Iterable], Iterable] = lambda it: it,
-                  reference: bool = False, unfold: Unfolder | None = None) -> list[Prediction]:
-    """File to file. Inputs are only read; each output is written atomically (temp + rename).
+def predict(model: onnx.ModelProto | str | os.PathLike, ghn: GHN | None = None, options: PredictOptions | None = None,
+            *, name: str | None = None, **overrides) -> Prediction:
+    """Predict every supported parameter of one model; nothing is written to disk.
 
-    ``calibrate(model, graph) -> (model, status)`` is applied to each predicted model before it
-    is saved (see :mod:`ghn_onnx.bn.calibration`).
+    Args:
+        model: an ``onnx.ModelProto`` (not modified) or the path of an ONNX file.
+        ghn: from :func:`load_ghn`; ``None`` loads the shipped checkpoint (and stamps its sha256).
+        options: a :class:`PredictOptions`; keyword arguments override its fields
+            (``predict(m, calibrate="images.zip", calibration_images=64)``).
+        name: the name in reports (default: the file name, or ``"model"``).
+
+    Returns:
+        a :class:`Prediction`: the predicted ``onnx.ModelProto`` (``.model``), the graph,
+        counts, BN status and warnings.
+
+    Raises:
+        GhnOnnxError: the model cannot be read or served, bad calibration data, bad checkpoint.
+
+    >>> p = predict("tests/fixtures/frameworks/torch_cnn.onnx")
+    >>> p.bn_status, p.predicted_tensors, p.model.graph.name == onnx.load(
+    ...     "tests/fixtures/frameworks/torch_cnn.onnx").graph.name
+    ('uncalibrated', 14, True)
     """
+    if not isinstance(model, onnx.ModelProto):
+        name = name or Path(model).name
+        model = load_model(model)
+    return predict_models([model], ghn, [name or "model"], options, **overrides)[0]
+
+
+def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os.PathLike], ghn: GHN | None = None,
+                  options: PredictOptions | None = None, *,
+                  progress: Callable[[Iterable], Iterable] = lambda it: it, **overrides) -> list[Prediction]:
+    """File to file: all ``inputs`` through the GHN in one batch, each prediction calibrated
+    (if asked) and written to its output. Inputs are only read; each output is written
+    atomically (temp + rename), with external data when it needs it.
+
+    Args:
+        inputs, outputs: one output path per input, all different.
+        ghn, options, overrides: as for :func:`predict`.
+        progress: wraps the per-file loop (calibration and writing), e.g. ``tqdm``.
+
+    Returns:
+        one :class:`Prediction` per input, with ``output`` and ``seconds`` set.
+
+    >>> [p.output for p in predict_files(["tests/fixtures/frameworks/torch_cnn.onnx"], ["torch_cnn_ghn.onnx"])]
+    ['torch_cnn_ghn.onnx']
+    """
+    options = _options(options, overrides)
     if len(inputs) != len(outputs):
         raise GhnOnnxError(f"expected one output per input (got {len(inputs)} inputs, {len(outputs)} outputs)")
     resolved = [Path(o).resolve() for o in outputs]
     if len(set(resolved)) != len(resolved):
         raise GhnOnnxError("two inputs would be written to the same output file")
+    ghn, metadata = _ghn_and_metadata(ghn, options)
     t0 = time.perf_counter()
     models = [load_model(p) for p in inputs]
-    preds = predict_models(models, ghn, [Path(p).name for p in inputs], metadata, reference, unfold)
+    preds = _predict_batch(models, ghn, [Path(p).name for p in inputs], options, metadata)
     share = (time.perf_counter() - t0) / max(len(preds), 1)
     for pred, src, dst in progress(list(zip(preds, inputs, outputs))):
         t1 = time.perf_counter()
-        if calibrate is not None and pred.bn_status not in ("none",) and not pred.bn_status.startswith("unfolded"):
-            pred.model, pred.bn_status = calibrate(pred.model, pred.graph)
-            _set_bn_metadata(pred.model, pred.bn_status)
+        _calibrate(pred, options)
         save_model(pred.model, dst, source_path=src)
         pred.output = str(dst)
         pred.seconds = share + time.perf_counter() - t1

@@ -16,7 +16,8 @@ import torch
 from click.testing import CliRunner
 
 from ghn_onnx.benchmarks.report import Row, format_table, rows, to_markdown
-from ghn_onnx.benchmarks.suite import compare, sequential_message_passing
+from ghn_onnx.benchmarks.suite import sequential_message_passing
+from ghn_onnx.benchmarks.timing import compare
 from ghn_onnx.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "frameworks"

@@ -148,7 +148,7 @@ def test_mutated_models_raise_only_project_errors(small_models, ghn, data):
         out = predict(model, ghn, name=name)
     except GhnOnnxError:
         return
-    assert isinstance(out, onnx.ModelProto)
+    assert isinstance(out.model, onnx.ModelProto) and out.name == name
 
 
 def test_empty_initializer_is_left_alone(ghn):
@@ -162,5 +162,5 @@ def test_empty_initializer_is_left_alone(ghn):
     nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Conv", ["r", "w2"], ["y"])]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
-    out = {t.name: t for t in predict(model, ghn).graph.initializer}
+    out = {t.name: t for t in predict(model, ghn).model.graph.initializer}
     assert list(out["w2"].dims) == [0, 4, 1, 1] and not np.array_equal(numpy_helper.to_array(out["w1"]), np.ones((4, 3, 3, 3)))

@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from ghn_onnx.bn.calibration import calibrate_bn, iter_batches
+from ghn_onnx.bn.calibration import calibrate_bn, calibration_batches, iter_batches
 from ghn_onnx.cli import main
 from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.ghn import GHN, GHNConfig, checkpoint
-from ghn_onnx.pipeline import predict_models, prepare
-from ghn_onnx.writeback.unfold import folded_convs, predict_unfolded, unfolded_graph
+from ghn_onnx.pipeline import UNCALIBRATED_UNFOLD_WARNING, predict_models, predict_unfolded, prepare
+from ghn_onnx.writeback.unfold import folded_convs, unfolded_graph
 from reference_graphs import compare_structure
 
 
@@ -85,12 +85,24 @@ def test_unfolded_graph_is_the_bn_kept_graph(exports, folded):
 def test_unfold_equals_predicting_the_bn_kept_export_and_folding(exports, ghn, folded):
     calib = _images(128, 0)
     fm, fg = prepare(load_model(exports / folded), folded)
-    out, _, status = predict_unfolded(fm, fg, ghn, list(iter_batches(calib, 32)))
-    assert status == "unfolded:calibrated"
+    pred = predict_unfolded(fm, fg, ghn, list(iter_batches(calib, 32)))
+    assert pred.bn_status == "unfolded:calibrated" and UNCALIBRATED_UNFOLD_WARNING not in pred.warnings
     kept = predict_models([load_model(exports / "kept.onnx")], ghn, ["kept"])[0].model
     kept = calibrate_bn(kept, iter_batches(calib, 32))
     x = _images(8, 1)
-    np.testing.assert_allclose(_run(out, x), _run(kept, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run(pred.model, x), _run(kept, x), rtol=1e-4, atol=1e-4)
+
+
+def test_unfold_option_calibrates_like_predict_unfolded(exports, ghn, tmp_path):
+    """The ``unfold_bn`` option with calibration images is :func:`predict_unfolded` on their batches."""
+    calib = _images(64, 0)
+    np.save(tmp_path / "calib.npy", calib)
+    fm, fg = prepare(load_model(exports / "dynamo.onnx"), "dynamo.onnx")
+    expected = predict_unfolded(fm, fg, ghn, calibration_batches(fm, tmp_path / "calib.npy", 32, 16, seed=3))
+    got = predict_models([load_model(exports / "dynamo.onnx")], ghn, ["dynamo.onnx"], unfold_bn=True,
+                         calibrate=tmp_path / "calib.npy", calibration_images=32, batch_size=16, seed=3)[0]
+    assert got.bn_status == "unfolded:calibrated" and got.name == "dynamo.onnx"
+    assert got.model.SerializeToString() == expected.model.SerializeToString()
 
 
 def test_cli_unfold_without_data_warns(exports, ghn, tmp_path):
@@ -99,7 +111,7 @@ def test_cli_unfold_without_data_warns(exports, ghn, tmp_path):
     res = CliRunner().invoke(main, ["predict", str(exports / "dynamo.onnx"), "-o", str(tmp_path / "o.onnx"),
                                     "--checkpoint", str(ckpt), "--unfold-bn"])
     assert res.exit_code == 0, res.output
-    assert "--unfold-bn without --calibrate" in res.output and "unfolded:uncalibrated" in res.output
+    assert f"warning: {UNCALIBRATED_UNFOLD_WARNING}" in res.output and "unfolded:uncalibrated" in res.output
 
 
 def test_unfold_on_a_bn_kept_model_is_a_no_op_request(exports, ghn, tmp_path):

@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ghn_onnx.benchmarks.suite import copy_bandwidth, synchronizer, timed
+from ghn_onnx.benchmarks.timing import copy_bandwidth, median_time
 from ghn_onnx.ghn import GHN, GHNConfig
 from ghn_onnx.ghn.hypernet import numba_sweep as fused_sweep
 from ghn_onnx.graph.graph import Graph
@@ -51,14 +49,6 @@ def deepnets_graphs() -> list[Graph]:
         if name not in cache:
             cache[name] = convert_file(parity_dir() / f"{name}.onnx")
     return [cache[n] for n in DEEPNETS]
-
-
-def median_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds, synchronising CUDA around each run."""
-    sync = synchronizer(device)
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed(fn, sync) for _ in range(repeats))
 
 
 def bench_kernels(device: str | torch.device = "cuda", graphs: list[Graph] | None = None,

@@ -9,7 +9,8 @@ call each, and the figure is the median:
 * ``latency``: ResNet-50, CIFAR variant (3x3 stem, no max-pool, 10 classes, TorchScript export
   with BN kept; or any ONNX file): GHN forward with the graph batch prebuilt, file to file
   (:func:`~ghn_onnx.pipeline.predict_files`), and the physical bound of the forward: bytes of
-  predicted fp32 parameters / the device's copy bandwidth (median of a 256 MB copy, read + write
+  predicted fp32 parameters / the device's copy bandwidth
+  (:func:`~ghn_onnx.benchmarks.timing.copy_bandwidth`: median of a 256 MB copy, read + write
   counted, as ``ghn_onnx.benchmarks.kernels`` does). On CUDA also node states + the Triton flat decode.
 * ``throughput``: GHN forward over batches of ``sizes`` generated networks
   (:class:`GeneratedNets`), batch prebuilt: networks and predicted parameters per second.
@@ -26,13 +27,13 @@ size) to exceed ``reference_cap_s``; when its warm-up call alone exceeds the cap
 its figure. GHN weights are random (speed does not depend on them).
 
 This module never imports click; ``ghn-onnx bench`` (:mod:`ghn_onnx.cli`) parses options and
-calls :func:`run_benchmarks`, and :mod:`ghn_onnx.benchmarks.report` formats the results.
+calls :func:`run_benchmarks`; :mod:`ghn_onnx.benchmarks.timing` times, :mod:`ghn_onnx.benchmarks.report`
+formats the results.
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import tempfile
 import time
 import traceback
@@ -44,15 +45,14 @@ import numpy as np
 import onnx
 import torch
 
-from ghn_onnx.ghn import triton_support
+from ghn_onnx.benchmarks.timing import compare, copy_bandwidth, synchronizer
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.ghn import GHN, GHNConfig
+from ghn_onnx.ghn import GHN, GHNConfig, triton_support
 from ghn_onnx.graph.graph import Graph
 
 SECTIONS = ("latency", "throughput", "train", "kernels")
 #: Seed namespace of the widths re-sampled for repeated architectures (see :class:`GeneratedNets`).
 BENCH_NAMESPACE = 0xBE7C
-COPY_BYTES = 1 << 28
 
 
 class BenchError(GhnOnnxError):
@@ -78,69 +78,6 @@ class BenchConfig:
     def rounds(self, section: str) -> int:
         divisor = {"latency": 1, "file_to_file": 3, "throughput": 5, "train": 5, "kernels": 1}[section]
         return max(1, self.repeats // divisor)
-
-
-# -- timing ---------------------------------------------------------------------------------------
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    """Seconds of one call of ``fn`` (its result dropped at once, so big outputs do not pile up)."""
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Median seconds of each function over ``rounds`` rounds; a round calls each one once, in turn."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(timed(fn, sync))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def compare(fast: Callable[[], object], reference: Callable[[], object], rounds: int, sync: Callable[[], None],
-            cap_s: float = float("inf"), estimate_s: float | None = None,
-            variants: dict[str, Callable[[], object]] | None = None) -> dict:
-    """Warm up both paths once, then time them interleaved; see the module docstring for the cap.
-
-    ``variants`` are further fast paths timed in the same rounds (figure ``<name>_s``).
-
-    Returns ``{"fast_s", "reference_s", "rounds", "reference_runs", "note"}`` (``reference_s`` is
-    ``None`` when the reference was not run).
-    """
-    out = {"fast_s": None, "reference_s": None, "rounds": rounds, "reference_runs": 0, "note": ""}
-    fns = {"fast": fast, **(variants or {})}
-    for fn in fns.values():
-        timed(fn, sync)  # warm-up: numba / Triton compile, per-batch plans are cached
-    if estimate_s is not None and estimate_s > cap_s:
-        out["note"] = f"reference not run: ~{estimate_s:.0f} s per call estimated, cap {cap_s:g} s"
-    else:
-        first = timed(reference, sync)
-        if first > cap_s:
-            out.update(reference_s=first, reference_runs=1,
-                       note=f"reference: 1 run ({first:.0f} s > cap {cap_s:g} s)")
-        else:
-            fns["reference"] = reference
-    medians = interleaved(fns, rounds, sync)
-    out.update({f"{k}_s": medians[k] for k in variants or {}}, fast_s=medians["fast"])
-    if "reference" in medians:
-        out.update(reference_s=medians["reference"], reference_runs=rounds)
-    return out
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 10) -> float:
-    """Bytes per second of a large tensor copy, read and write counted (median of ``repeats``)."""
-    sync = synchronizer(device)
-    a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    return 2 * nbytes / statistics.median(timed(lambda: b.copy_(a), sync) for _ in range(repeats))
 
 
 # -- inputs ---------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ statistics (GHN2_FACTS §5.6). Two ways to give a predicted ONNX model usable BN
 * :func:`batch_stats_model` rewrites every BN to normalise with the statistics of the batch it
   is given, as the GHN papers evaluate (``bn_train=True``; results depend on the batch).
 
-Calibration data comes from :func:`load_calibration_data` (see :mod:`ghn_onnx.bn.images`).
+Calibration data comes from :func:`calibration_batches` / :func:`load_calibration_data` (see
+:mod:`ghn_onnx.bn.images`).
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ import onnx
 from onnx import numpy_helper
 
 from ghn_onnx.bn.batch_stats import batch_stats_model
-from ghn_onnx.bn.images import (CIFAR10_MEAN, CIFAR10_STD, data_input, iter_batches,
-                                       load_calibration_data)
+from ghn_onnx.bn.images import (CIFAR10_MEAN, CIFAR10_STD, calibration_batches, data_input, iter_batches,
+                                load_calibration_data)
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph.graph import Graph, reachable
 from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.storage import (alias_source, cast_to_stored, consumer_counts, is_batch_norm, np_dtype,
                               set_tensor_values, stored_tensors, topological_nodes, unique_name)
 
-__all__ = ["calibrate_bn", "batch_stats_model", "load_calibration_data", "iter_batches", "data_input",
-           "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["calibrate_bn", "batch_stats_model", "calibration_batches", "load_calibration_data", "iter_batches",
+           "data_input", "CIFAR10_MEAN", "CIFAR10_STD"]
 
 Batch = np.ndarray | Mapping[str, np.ndarray]
 

@@ -63,6 +63,14 @@ def load_calibration_data(path: str | os.PathLike, input_shape: Sequence, n: int
     return _normalise(np.stack(images), mean, std)
 
 
+def calibration_batches(model: onnx.ModelProto, path: str | os.PathLike, n: int, batch_size: int = 64,
+                        seed: int = 0) -> list[np.ndarray]:
+    """``n`` images from ``path`` (:func:`load_calibration_data`) shaped for the single data input
+    of ``model`` (:func:`data_input`), in batches of ``batch_size`` (:func:`iter_batches`)."""
+    x = load_calibration_data(path, data_input(model)[2], n, seed)
+    return list(iter_batches(x, batch_size))
+
+
 def iter_batches(data: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """Consecutive ``(batch_size, ...)`` slices of ``data`` (the last may be smaller)."""
     if batch_size < 1:
@@ -127,11 +135,8 @@ def _from_array(arr: np.ndarray, c: int, h: int, w: int, mean, std, path: Path) 
 
 def _decode(data: bytes, c: int, h: int, w: int, name: str) -> np.ndarray:
     """One image as ``(H, W, C)`` uint8."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise GhnOnnxError("reading JPEG / PNG calibration images needs Pillow (pip install pillow), "
-                           "or pass a .npy array") from None
+    from PIL import Image  # a dependency; imported here, as only image folders and zips need it
+
     if c not in (1, 3):
         raise GhnOnnxError(f"images give 1 or 3 channels; the model input has {c}")
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ghn_onnx.errors import CheckpointError
-from ghn_onnx.ghn.config import GHNConfig
+from ghn_onnx.ghn.config import LEGACY_KEYS, GHNConfig
 from ghn_onnx.ghn.model import GHN
 
 FORMAT = "ghn-onnx/ghn2-v1"
@@ -111,7 +111,7 @@ def load_reference(path: str | os.PathLike, config: GHNConfig | None = None) -> 
         cfg = dict(blob.get("config") or {})
         if not cfg:
             raise CheckpointError(f"{path}: no 'config' in the checkpoint; pass the configuration explicitly")
-        cfg = {k: v for k, v in cfg.items() if k in GHNConfig.__dataclass_fields__}
+        cfg = {k: v for k, v in cfg.items() if k in GHNConfig.__dataclass_fields__ or k in LEGACY_KEYS}
         config = GHNConfig.from_dict(cfg)
     return from_state_dict(blob["state_dict"], config, str(path))
 

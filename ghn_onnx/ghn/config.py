@@ -9,6 +9,9 @@ from typing import Any
 
 from ghn_onnx.errors import CheckpointError
 
+# Keys of configs saved by earlier versions, with the only value each could hold.
+LEGACY_KEYS = {"hypernet": "gatedgnn", "decoder": "conv"}
+
 
 @dataclass(frozen=True)
 class GHNConfig:
@@ -30,13 +33,8 @@ class GHNConfig:
     ve: bool = True
     layernorm: bool = True
     ve_cutoff: int = 50
-    hypernet: str = "gatedgnn"
-    decoder: str = "conv"
 
     def __post_init__(self) -> None:
-        if self.hypernet != "gatedgnn" or self.decoder != "conv":
-            raise CheckpointError(f"only hypernet 'gatedgnn' with decoder 'conv' is implemented "
-                                  f"(got {self.hypernet!r}, {self.decoder!r})")
         if len(self.max_shape) != 4 or self.max_shape[2] != self.max_shape[3]:
             raise CheckpointError(f"max_shape must be (out, in, s, s) (got {self.max_shape})")
 
@@ -45,11 +43,18 @@ class GHNConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GHNConfig":
+        """The config saved by :meth:`to_json`. Checkpoints written before the single-valued
+        ``hypernet`` / ``decoder`` fields were dropped still load: those keys are ignored when
+        they hold the one value there ever was, and refused otherwise."""
+        d = dict(d)
+        for key, only in LEGACY_KEYS.items():
+            got = d.pop(key, only)
+            if got != only:
+                raise CheckpointError(f"GHN config {key!r}: only {only!r} is implemented (got {got!r})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise CheckpointError(f"unknown GHN config keys: {', '.join(unknown)}")
-        d = dict(d)
         if "max_shape" in d:
             d["max_shape"] = tuple(int(v) for v in d["max_shape"])
         return cls(**d)

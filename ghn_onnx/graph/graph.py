@@ -188,13 +188,6 @@ class Graph:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    @property
-    def primitive_ids(self) -> np.ndarray:
-        return np.array([int(n.primitive) for n in self.nodes], dtype=np.int64)
-
-    def param_nodes(self) -> list[int]:
-        return [i for i, n in enumerate(self.nodes) if n.params]
-
     def predicted_tensors(self) -> list[ParamRef]:
         return [p for n in self.nodes for p in n.params]
 

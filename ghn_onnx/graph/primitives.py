@@ -31,15 +31,7 @@ class Primitive(enum.IntEnum):
         """The reference's lower-case name (``"sep_conv"``, ``"glob_avg"``, ...)."""
         return self.name.lower()
 
-    @classmethod
-    def from_label(cls, label: str) -> "Primitive":
-        try:
-            return cls[label.upper()]
-        except KeyError:
-            raise ValueError(f"Expected one of {[p.label for p in cls]} (got {label!r})") from None
 
-
-# Primitives whose nodes carry predicted parameters.
+# Primitives whose nodes carry a convolution or linear weight, and the normalisations.
 WEIGHT_PRIMITIVES = frozenset({Primitive.CONV, Primitive.SEP_CONV, Primitive.DIL_CONV})
 NORM_PRIMITIVES = frozenset({Primitive.BN, Primitive.LN})
-PARAM_PRIMITIVES = WEIGHT_PRIMITIVES | NORM_PRIMITIVES | {Primitive.BIAS, Primitive.POS_ENC}

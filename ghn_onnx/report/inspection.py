@@ -1,6 +1,6 @@
 """What a GHN would see of an ONNX model, and how much of the model it would predict.
 
-:func:`inspect_model` converts a model and accounts for every float tensor stored in it
+:func:`inspect` converts a model and accounts for every float tensor stored in it
 (initializers and ``Constant`` node values, :func:`~ghn_onnx.onnx_io.storage.stored_tensors`), each in
 exactly one group:
 
@@ -28,14 +28,11 @@ from typing import Any, Iterable, Sequence
 import onnx
 
 from ghn_onnx.convert import convert
-from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.convert.tensors import StoredTensor
 from ghn_onnx.graph.graph import Graph, Layout
 from ghn_onnx.graph.primitives import Primitive
+from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.onnx_io.storage import FLOAT_TYPES, alias_source, is_batch_norm, stored_tensors, untie_aliases
-
-# Ops between a stored tensor and the BatchNorm input that reads it: exporters add Identity
-# nodes when they de-duplicate equal initializers, and Cast nodes for mixed precision.
 
 
 @dataclass(frozen=True)
@@ -113,8 +110,9 @@ class Report:
         }
 
 
-def inspect_model(path: str | os.PathLike) -> tuple[Report, Graph]:
-    """Load and convert the model at ``path`` (read only); the report and the graph it describes.
+def inspect_model(model: onnx.ModelProto | str | os.PathLike, name: str | None = None) -> tuple[Report, Graph]:
+    """Convert ``model`` (a ModelProto, or the path of a file, only read); the report and the
+    graph it describes. ``name`` labels the report (default: the file name, or ``"model"``).
 
     The model is prepared as prediction prepares it: exporter aliases of merged initializers
     (:func:`~ghn_onnx.onnx_io.storage.untie_aliases`) become tensors of their own before converting.
@@ -123,9 +121,25 @@ def inspect_model(path: str | os.PathLike) -> tuple[Report, Graph]:
         ModelLoadError: the file is missing, not ONNX, truncated, or lacks its external data.
         UnsupportedModelError: quantized, control flow, or nothing a GHN can predict.
     """
-    model, untied = untie_aliases(load_model(path))
-    graph = convert(model, name=Path(path).name)
+    if not isinstance(model, onnx.ModelProto):
+        name = name or Path(model).name
+        model = load_model(model)
+    model, untied = untie_aliases(model)
+    graph = convert(model, name=name or "model")
     return build_report(model, graph, untied), graph
+
+
+def inspect(model: onnx.ModelProto | str | os.PathLike, name: str | None = None) -> Report:
+    """What a GHN would see of ``model`` and how much of it it would predict (``ghn-onnx
+    inspect``); :func:`inspect_model` also returns the graph.
+
+    >>> report = inspect("tests/fixtures/frameworks/torch_cnn.onnx")
+    >>> report.primitives["conv"], report.predicted.tensors, report.warnings
+    (5, 14, [])
+    >>> print(format_report(report).splitlines()[0])
+    torch_cnn.onnx: 16 nodes, 17 edges, 120 with virtual edges
+    """
+    return inspect_model(model, name)[0]
 
 
 def build_report(model: onnx.ModelProto, graph: Graph, untied: Sequence[str] = ()) -> Report:

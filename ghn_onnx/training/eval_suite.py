@@ -35,9 +35,9 @@ import numpy as np
 import onnx
 import torch
 
-from ghn_onnx import __version__
+from ghn_onnx.version import __version__
 from ghn_onnx.bn.calibration import batch_stats_model, calibrate_bn, iter_batches
-from ghn_onnx.training.datasets import ImageSet, load_cifar10, normalize, train_val_split
+from ghn_onnx.training.datasets import ImageSet, normalize, train_val_split
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
@@ -258,7 +258,7 @@ def evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig = EvalConfig
 
     Args:
         ghn: the GHN (its device is where it predicts).
-        splits: ``{"train": ..., "test": ...}`` from :func:`load_cifar10`.
+        splits: ``{"train": ..., "test": ...}`` from :func:`~ghn_onnx.training.datasets.load_cifar10`.
         cfg: what to measure.
         log: called with one line of progress per network and model.
         source: what the GHN is (checkpoint path, hash, trained steps), copied into ``meta``.
@@ -301,15 +301,6 @@ def _evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig, log: Log, 
         training["torchvision"][name] = sgd_torchvision(name, p, train, test, cfg, log)
     result["meta"]["seconds"] = time.perf_counter() - t_start
     return result
-
-
-def evaluate_checkpoint(checkpoint_path: str | Path, data: str | Path | None, cfg: EvalConfig = EvalConfig(), *,
-                        log: Log = lambda _: None) -> dict:
-    """:func:`evaluate` for a checkpoint file and a CIFAR-10 source (see :func:`load_cifar10`)."""
-    from ghn_onnx.ghn import checkpoint
-
-    ghn = checkpoint.load(checkpoint_path, device=cfg.device)
-    return evaluate(ghn, load_cifar10(data), cfg, log=log, source=checkpoint_source(checkpoint_path))
 
 
 def checkpoint_source(path: str | Path) -> dict:

@@ -11,19 +11,20 @@ into the conv. The result computes what the BN-kept network with calibrated stat
 Which convs were folded: those the exporter's optimiser marked (``FuseBatchNormIntoConv`` in the
 node metadata, PyTorch's dynamo exporter); otherwise, when the converter found other evidence of
 folding, every convolution with a bias that no norm follows.
+
+This module holds the graph and model surgery; :func:`ghn_onnx.pipeline.predict_unfolded` runs
+it around the GHN's prediction and the calibration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ghn_onnx.convert.tensors import TensorIndex
-from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph.graph import Graph, Layout, Node, ParamRef
 from ghn_onnx.graph.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 from ghn_onnx.onnx_io.storage import cast_to_stored, set_tensor_values, stored_tensors, unique_name
@@ -176,29 +177,3 @@ def fold_back(predicted: onnx.ModelProto, calibrated: onnx.ModelProto, folds: li
                 conv.input.append("")
             conv.input[2] = name
     return out
-
-
-def predict_unfolded(model: onnx.ModelProto, graph: Graph, ghn, batches: Iterable[np.ndarray] | None,
-                     metadata: dict[str, str] | None = None) -> tuple[onnx.ModelProto, Graph, str]:
-    """Predict a BN-folded ``model`` as its BN-kept original; returns the model with folded
-    predicted parameters, the unfolded graph and the BN status. ``graph`` must come from
-    :func:`ghn_onnx.pipeline.prepare`. Without ``batches`` the statistics stay ``μ = 0, σ² = 1``."""
-    from ghn_onnx.bn.calibration import calibrate_bn
-    from ghn_onnx.pipeline import predict_graphs
-    from ghn_onnx.writeback.write import resolve_shared, write_predictions
-
-    folds = folded_convs(model, graph)
-    if not folds:
-        raise GhnOnnxError(f"{graph.name}: --unfold-bn: no folded BatchNorm found (no exporter marks, "
-                           "no folding evidence)")
-    ugraph = unfolded_graph(graph, folds)
-    pred = predict_graphs(ghn, [ugraph])[0]
-    virtual = {k for f in folds for k in (f.scale_key, f.shift_key)}
-    owners = resolve_shared(ugraph)
-    real = {k: v for k, v in pred.items() if k not in virtual and k in owners}
-    status = "unfolded:calibrated" if batches is not None else "unfolded:uncalibrated"
-    predicted = write_predictions(model, ugraph, real, metadata={**(metadata or {}), "bn": status})
-    explicit = with_explicit_bn(predicted, folds, pred)
-    if batches is not None:
-        explicit = calibrate_bn(explicit, batches)
-    return fold_back(predicted, explicit, folds), ugraph, status

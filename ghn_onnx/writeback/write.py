@@ -25,10 +25,10 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-import ghn_onnx
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph.graph import Graph, ParamRef
 from ghn_onnx.onnx_io.storage import DATA_FIELDS, cast_to_stored, set_tensor_values, stored_tensors, tensor_nbytes
+from ghn_onnx.version import __version__
 
 METADATA_PREFIX = "ghn_onnx."
 # Keys this module writes itself; a caller's metadata may not override them.
@@ -50,15 +50,6 @@ def resolve_shared(graph: Graph) -> dict[str, ParamRef]:
         for ref in node.params:
             owners.setdefault(ref.tensor, ref)
     return owners
-
-
-def shared_tensors(graph: Graph) -> dict[str, list[ParamRef]]:
-    """Stored tensors referenced by more than one ParamRef (for warnings), owner first."""
-    refs: dict[str, list[ParamRef]] = {}
-    for node in graph.nodes:
-        for ref in node.params:
-            refs.setdefault(ref.tensor, []).append(ref)
-    return {k: v for k, v in refs.items() if len(v) > 1}
 
 
 def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping[str, np.ndarray], *,
@@ -105,7 +96,7 @@ def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping
 
     _set_metadata(out, {
         **extra,
-        "ghn_onnx.version": ghn_onnx.__version__,
+        "ghn_onnx.version": __version__,
         "ghn_onnx.predicted_tensors": json.dumps({"count": len(written), "names": written},
                                                  separators=(",", ":")),
     })
@@ -187,7 +178,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
     Args:
         model: the model to write (not modified). Its tensors must hold their data in memory
-            (load with :func:`ghn_onnx.convert.load_model`).
+            (load with :func:`ghn_onnx.onnx_io.loading.load_model`).
         path: the output file.
         external_data: store tensors of 1 KiB or more in ``<path name>.data`` next to ``path``.
             ``None`` (default): only if the model would exceed protobuf's 2 GB limit.
