@@ -1,13 +1,12 @@
-"""The CPU inference path: flat decoding with the numba store and the graph-parallel sweep,
-against the per-tensor PyTorch path (``GHN.decode_tensors``) and the sequential reference."""
+"""The CPU inference path: flat decoding with the numba store against the per-tensor PyTorch
+path (``GHN.decode_tensors``). The numba sweep (message passing, its thread counts) is tested with
+every other engine in ``tests/test_message_passing_engines.py``."""
 
 from __future__ import annotations
 
 import gc
 import threading
 
-import numba
-import numpy as np
 import pytest
 import torch
 from ghn_graphs import (assert_same_predictions, fresh_ghn, odd_shapes_graph, random_dag, small_head_graph,
@@ -16,8 +15,6 @@ from ghn_graphs import (assert_same_predictions, fresh_ghn, odd_shapes_graph, ra
 from ghn_onnx.convert import convert_file
 from ghn_onnx.ghn import checkpoint
 from ghn_onnx.ghn.decode import numba_store as fused_tiling
-from ghn_onnx.ghn.hypernet import numba_sweep as fused_sweep
-from ghn_onnx.ghn.hypernet.gatedgnn import GatedGNN
 
 
 def _assert_same_decode(ghn, batch, h) -> None:
@@ -88,33 +85,6 @@ def test_output_memory_is_reused_only_when_released():
         finally:
             fused_tiling.OUTPUT.max_bytes = cap
     fused_tiling.OUTPUT.release()
-
-
-@pytest.mark.parametrize("ve", [True, False])
-def test_graph_parallel_sweep_matches_reference_for_any_thread_count(ve):
-    torch.manual_seed(15)
-    gnn = GatedGNN(32, ve=ve)
-    graphs = [random_dag(n, seed, fan=3) for seed, n in enumerate([40, 5, 1, 70, 23])]
-    ghn = fresh_ghn("cpu", seed=15, ve=ve)
-    batch = ghn.batch(graphs)
-    h0 = torch.randn(batch.n_nodes, 32)
-    with torch.no_grad():
-        expected = gnn.forward_sequential(h0, batch)
-    runs = []
-    for threads in (1, 2):
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        runs.append(fused_sweep.run(gnn, h0, batch))
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    assert torch.equal(runs[0], runs[1])
-    torch.testing.assert_close(runs[0], expected, rtol=1e-5, atol=1e-5)
-
-
-def test_graph_parts_cover_every_graph_once():
-    ghn = fresh_ghn("cpu")
-    batch = ghn.batch([random_dag(n, n) for n in (30, 3, 12, 8, 50, 2, 2)])
-    ptr, ids = fused_sweep.graph_parts(batch, 3)
-    assert len(ptr) == 4 and sorted(ids.tolist()) == list(range(7))
-    assert np.all(np.diff(ptr) >= 1)
 
 
 def test_concurrent_forwards_on_one_batch():

@@ -1,5 +1,9 @@
 """The Triton kernels against their PyTorch references, on fresh random GHN weights and graphs.
 
+Message passing here covers what is Triton's own (launch strategies, tiles and edge chunks,
+levels wider than a tile, input checks, the CUDA dispatch); every engine's values against the
+reference loop, on every kind of graph, are in ``tests/test_message_passing_engines.py``.
+
 Without CUDA the kernels run in Triton's interpreter on CPU tensors. Triton reads
 ``TRITON_INTERPRET`` when a ``@triton.jit`` function is defined, its own library functions
 (``tl.zeros``, ``tl.sigmoid``, ...) included, i.e. when Triton is first imported. So this file sets
@@ -105,34 +109,6 @@ def test_message_passing_800_node_dag(device):
     batch = GraphBatch.build([random_dag(800, 3, fan=3, window=400)])
     assert _widest_level(batch) > 64 and len(batch.edges) > 30_000
     _check_mp(ghn, batch, device, persistent=True)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_message_passing_deep_chain(device):
-    """64 levels each way, one node per level: state carried through every level."""
-    ghn = fresh_ghn(device, seed=3)
-    _check_mp(ghn, GraphBatch.build([random_dag(64, 4, fan=1, window=1)]), device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_message_passing_without_virtual_edges(device):
-    ghn = fresh_ghn(device, seed=4, ve=False)
-    batch = GraphBatch.build([random_dag(60, 5, fan=3)], virtual=False)
-    _check_mp(ghn, batch, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_message_passing_fixture_graphs(device, parity):
-    """ResNet-18 and two DeepNets nets of the GHN-2 parity fixtures, one batch, from the real
-    initial states."""
-    ghn = parity["ghn"].to(device)
-    batch = ghn.batch([fixture_graph(parity, n) for n in ("resnet18", "deepnets_1", "deepnets_17")])
-    with torch.no_grad():
-        h0 = ghn.initial_states(batch)
-    expected = message_passing_reference(ghn.gnn, h0, batch)
-    got = message_passing(ghn.gnn, h0, batch, **MP_BLOCKS[device])
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
-    ghn.cpu()
 
 
 def test_message_passing_rejects_bad_input():

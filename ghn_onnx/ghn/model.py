@@ -16,7 +16,7 @@ from torch import nn
 from ghn_onnx.ghn import triton_support
 from ghn_onnx.graph.batch import GraphBatch
 from ghn_onnx.ghn.decode import flat as flat_decode, numba_store as fused_tiling
-from ghn_onnx.ghn.hypernet import numba_sweep as fused_sweep
+from ghn_onnx.ghn.hypernet import engines
 from ghn_onnx.ghn.config import GHNConfig
 from ghn_onnx.ghn.decode.decoder import ConvDecoder, Decoder1D
 from ghn_onnx.ghn.decode.flat import TAPS_PER_CHUNK, classifier_nodes
@@ -52,33 +52,24 @@ class GHN(nn.Module):
 
     def batch(self, graphs: list[Graph]) -> GraphBatch:
         """The graphs as one :class:`GraphBatch`, with what a no-autograd forward derives from
-        the graphs alone built now (node inputs, decoding plan, the CPU sweep's edge lists),
-        so that a forward does only per-call work. Built lazily instead if the GHN moves."""
+        the graphs alone built now (node inputs, decoding plan, the plan of the message-passing
+        engine a forward in this autograd mode runs), so that a forward does only per-call work. Built lazily instead if the GHN moves."""
         batch = GraphBatch.build(graphs, cutoff=self.config.ve_cutoff, virtual=self.config.ve)
         device = self.embed.weight.device
         self._node_inputs(batch)
         flat_decode.decode_plan(self, batch, device)
-        if device.type == "cpu" and fused_sweep.available():
-            fused_sweep.sweep_structure(batch)
+        engines.select(device, torch.is_grad_enabled(), self.config.hid).prepare(batch, device)
         return batch
 
     def node_states(self, batch: GraphBatch, sequential: bool = False) -> torch.Tensor:
         """Final node states ``(N, hid)`` for every node of the batch.
 
-        ``sequential`` runs the reference loop. Otherwise, without autograd on CPU, the fused
-        compiled sweep runs; without autograd on CUDA with Triton, the Triton kernel
-        (:mod:`ghn_onnx.ghn.hypernet.triton_sweep`); otherwise the level-by-level PyTorch sweep."""
+        The engine is :func:`ghn_onnx.ghn.hypernet.engines.select`'s: ``sequential`` runs the
+        reference loop; otherwise, without autograd, the numba loop on CPU or the Triton kernel on
+        CUDA; otherwise (autograd) the level-by-level PyTorch sweep."""
         h = self.initial_states(batch)
-        if sequential:
-            h = self.gnn.forward_sequential(h, batch)
-        elif h.device.type == "cpu" and not torch.is_grad_enabled() and fused_sweep.available():
-            h = fused_sweep.run(self.gnn, h, batch)
-        elif not torch.is_grad_enabled() and triton_support.available(h.device, self.config.hid):
-            from ghn_onnx.ghn.hypernet.triton_sweep import message_passing  # imports Triton
-
-            h = message_passing(self.gnn, h, batch)
-        else:
-            h = self.gnn(h, batch)
+        engine = engines.select(h.device, torch.is_grad_enabled(), self.config.hid, sequential)
+        h = engine.run(self.gnn, h, batch)
         return self.ln(h) if self.ln is not None else h
 
     def initial_states(self, batch: GraphBatch) -> torch.Tensor:

@@ -10,8 +10,11 @@ same edges reversed), with the senders' projections :math:`P_u = [\mathrm{MLP}(h
     \qquad P_v \leftarrow [\mathrm{MLP}(h_v), \mathrm{MLP}_{ve}(h_v)]
 
 (:class:`~ghn_onnx.ghn.hypernet.gatedgnn.GatedGNN` documents the maths; this file computes exactly
-``GatedGNN.forward``). One program takes ``BLOCK_N`` nodes of a level: it walks their edges in
-chunks of ``BLOCK_E`` (the edges of consecutive nodes are contiguous, see :class:`SweepPlan`),
+``GatedGNN.forward``). It takes the same inputs as the numba loop: the weights as
+:class:`~ghn_onnx.ghn.hypernet.gatedgnn.GatedGNNWeights` and the edges as the shared
+:class:`~ghn_onnx.ghn.hypernet.sweep_plan.SweepCSR`, in level order (copied to the device once per
+batch: :class:`TritonSweepPlan`). One program takes ``BLOCK_N`` nodes of a level: it walks their
+edges in chunks of ``BLOCK_E`` (the edges of consecutive slots are contiguous),
 gathers the senders' projection rows, weights them by the one-hop mask and ``1/d`` and sums them
 per receiver with a one-hot ``(BLOCK_N, BLOCK_E)`` matrix product; then runs the GRU cell and
 both MLPs on the ``(BLOCK_N, H)`` tile with every weight held in registers, and writes ``h`` and
@@ -25,7 +28,9 @@ Two launch strategies run the same kernel:
 
 Shapes: ``h (N, H)`` fp32 with ``H`` a power of two ≥ 32 (GHN-2: 32); ``N`` = nodes of the batch.
 File layout (Triton tutorial habit): kernel → launcher → plain reference; the tests live in
-``tests/test_kernels.py`` and the timings in :mod:`ghn_onnx.benchmarks.kernels`.
+``tests/test_message_passing_engines.py`` (every engine against the reference loop) and
+``tests/test_kernels.py`` (launch strategies, tiles, input checks), the timings in
+:mod:`ghn_onnx.benchmarks.kernels`.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ghn_onnx.graph.batch import GraphBatch, SweepLevel
 from ghn_onnx.ghn.hypernet.gatedgnn import GatedGNN
+from ghn_onnx.ghn.hypernet.sweep_plan import RowOrder, SweepCSR, sweep_csr_plan
 from ghn_onnx.ghn.triton_support import check_kernel_device
+from ghn_onnx.graph.batch import GraphBatch
 
 # A single program runs a whole sweep while the widest level has at most this many nodes; wider
-# batches get one launch per level. Not tuned on a GPU yet (see kernels/README.md).
+# batches get one launch per level. Not tuned on a GPU yet (see docs/engines.md).
 PERSISTENT_MAX_WIDTH = 256
 
 
@@ -60,11 +66,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_wt(w_ptr, row0, N_OUT: tl.constexpr, K_IN: tl.constexpr):
-    """Rows ``row0 … row0+N_OUT`` of a row-major ``(*, K_IN)`` weight, transposed: ``(K_IN, N_OUT)``."""
+def _load_w(w_ptr, col0, K_IN: tl.constexpr, N_OUT: tl.constexpr, STRIDE: tl.constexpr):
+    """Columns ``col0 … col0+N_OUT`` of a row-major ``(K_IN, STRIDE)`` weight stored ``(in, out)``
+    (:class:`GatedGNNWeights`): the ``(K_IN, N_OUT)`` tile of ``x @ W``."""
     k = tl.arange(0, K_IN)
     j = tl.arange(0, N_OUT)
-    return tl.load(w_ptr + (row0 + j[None, :]) * K_IN + k[:, None])
+    return tl.load(w_ptr + k[:, None] * STRIDE + col0 + j[None, :])
 
 
 @triton.jit
@@ -85,9 +92,9 @@ def _sweep_kernel(
     edge_slot_ptr,  # (E,) int32 receiving slot of each edge
     edge_one_ptr,  # (E,) fp32 1.0 for a one-hop edge, else 0.0
     edge_inv_ptr,  # (E,) fp32 1 / shortest-path distance
-    mlp_w1, mlp_b1, mlp_w2, mlp_b2,  # message MLP: (HID/2, HID), (HID/2,), (HID, HID/2), (HID,)
+    mlp_w1, mlp_b1, mlp_w2, mlp_b2,  # message MLP, (in, out): (HID, HID/2), (HID/2,), (HID/2, HID), (HID,)
     ve_w1, ve_b1, ve_w2, ve_b2,  # virtual-edge MLP, same shapes (unused unless USE_VE)
-    w_ih, b_ih, w_hh, b_hh,  # GRUCell: (3*HID, HID), (3*HID,), (3*HID, HID), (3*HID,); gates r, z, n
+    w_ih, b_ih, w_hh, b_hh,  # GRUCell, (in, out): (HID, 3*HID), (3*HID,), (HID, 3*HID), (3*HID,); gates r, z, n
     level_begin,  # first level this launch runs
     level_end,  # one past the last level this launch runs
     stride_h,  # row stride of h
@@ -103,21 +110,21 @@ def _sweep_kernel(
     HALF: tl.constexpr = HID // 2
     cols = tl.arange(0, HID)
 
-    # Every weight once, as register tiles, transposed for x @ W^T.
-    m_w1 = _load_wt(mlp_w1, 0, HALF, HID)
+    # Every weight once, as register tiles of x @ W.
+    m_w1 = _load_w(mlp_w1, 0, HID, HALF, HALF)
     m_b1 = tl.load(mlp_b1 + tl.arange(0, HALF))
-    m_w2 = _load_wt(mlp_w2, 0, HID, HALF)
+    m_w2 = _load_w(mlp_w2, 0, HALF, HID, HID)
     m_b2 = tl.load(mlp_b2 + cols)
-    v_w1 = _load_wt(ve_w1, 0, HALF, HID)  # loaded even without USE_VE (then a copy of the MLP)
+    v_w1 = _load_w(ve_w1, 0, HID, HALF, HALF)  # loaded even without USE_VE (then a copy of the MLP)
     v_b1 = tl.load(ve_b1 + tl.arange(0, HALF))
-    v_w2 = _load_wt(ve_w2, 0, HID, HALF)
+    v_w2 = _load_w(ve_w2, 0, HALF, HID, HID)
     v_b2 = tl.load(ve_b2 + cols)
-    w_ir = _load_wt(w_ih, 0, HID, HID)
-    w_iz = _load_wt(w_ih, HID, HID, HID)
-    w_in = _load_wt(w_ih, 2 * HID, HID, HID)
-    w_hr = _load_wt(w_hh, 0, HID, HID)
-    w_hz = _load_wt(w_hh, HID, HID, HID)
-    w_hn = _load_wt(w_hh, 2 * HID, HID, HID)
+    w_ir = _load_w(w_ih, 0, HID, HID, 3 * HID)
+    w_iz = _load_w(w_ih, HID, HID, HID, 3 * HID)
+    w_in = _load_w(w_ih, 2 * HID, HID, HID, 3 * HID)
+    w_hr = _load_w(w_hh, 0, HID, HID, 3 * HID)
+    w_hz = _load_w(w_hh, HID, HID, HID, 3 * HID)
+    w_hn = _load_w(w_hh, 2 * HID, HID, HID, 3 * HID)
     b_r = tl.load(b_ih + cols) + tl.load(b_hh + cols)
     b_z = tl.load(b_ih + HID + cols) + tl.load(b_hh + HID + cols)
     b_in = tl.load(b_ih + 2 * HID + cols)
@@ -172,9 +179,10 @@ def _sweep_kernel(
 
 
 # -- launcher -----------------------------------------------------------------------------------
-@dataclass
-class SweepPlan:
-    """One sweep's levels as device CSR arrays, nodes renumbered into level-major *slots*.
+@dataclass(frozen=True)
+class DeviceSweep:
+    """One sweep's level-order :class:`~ghn_onnx.ghn.hypernet.sweep_plan.SweepCSR` as the kernel
+    reads it: int32 / fp32 tensors on the device (*slots* are the rows: nodes level-major).
 
     Attributes:
         slot_node: ``(N,)`` node id of each slot; level ``l`` holds slots
@@ -197,37 +205,35 @@ class SweepPlan:
     widths: np.ndarray
 
     @classmethod
-    def build(cls, levels: list[SweepLevel], device: torch.device) -> "SweepPlan":
-        widths = np.array([len(lv.nodes) for lv in levels], dtype=np.int64)
-        level_ptr = np.concatenate([[0], np.cumsum(widths)])
-        slot_node = np.concatenate([lv.nodes for lv in levels])
-        slot = np.concatenate([lv.dst + level_ptr[i] for i, lv in enumerate(levels)])
-        order = np.argsort(slot, kind="stable")
-        edge_ptr = np.concatenate([[0], np.cumsum(np.bincount(slot, minlength=len(slot_node)))])
-
-        def cat(field):
-            return np.concatenate([getattr(lv, field) for lv in levels])[order]
-
+    def build(cls, csr: SweepCSR, device: torch.device | str) -> "DeviceSweep":
         def i32(a):
             return torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=device)
 
         def f32(a):
             return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)
 
-        return cls(i32(slot_node), i32(level_ptr), i32(edge_ptr), i32(cat("src")), i32(slot[order]),
-                   f32(cat("one_hop")), f32(cat("inv_dist")), widths)
+        return cls(slot_node=i32(csr.row_node), level_ptr=i32(csr.level_ptr), edge_ptr=i32(csr.edge_ptr),
+                   edge_src=i32(csr.edge_src), edge_slot=i32(csr.edge_row), edge_one=f32(csr.edge_one_hop),
+                   edge_inv=f32(csr.edge_inv_dist), widths=csr.level_widths)
 
 
-def sweep_plans(batch: GraphBatch, device: torch.device) -> tuple[SweepPlan, SweepPlan]:
-    """The forward and backward :class:`SweepPlan` of ``batch`` on ``device``, built once."""
-    cache = batch.__dict__.setdefault("_triton_sweeps", {})
-    key = str(device)
-    if key not in cache:
-        if batch.n_nodes >= 2**31 or len(batch.edges) >= 2**31:
-            raise ValueError(f"Expected fewer than 2**31 nodes and edges (got {batch.n_nodes}, "
-                             f"{len(batch.edges)})")
-        cache[key] = (SweepPlan.build(batch.forward, device), SweepPlan.build(batch.backward, device))
-    return cache[key]
+@dataclass(frozen=True)
+class TritonSweepPlan:
+    """Both sweeps of a batch on :attr:`device`, as the kernel reads them."""
+
+    device: str
+    forward: DeviceSweep
+    backward: DeviceSweep
+
+
+def triton_sweep_plan(batch: GraphBatch, device: torch.device | str) -> TritonSweepPlan:
+    """:meth:`GraphBatch.plan` builder: ``batch.plan(triton_sweep_plan, device)``, built once per
+    batch and device from the batch's level-order :class:`SweepCSR`."""
+    if batch.n_nodes >= 2**31 or len(batch.edges) >= 2**31:
+        raise ValueError(f"Expected fewer than 2**31 nodes and edges (got {batch.n_nodes}, "
+                         f"{len(batch.edges)})")
+    csr = sweep_csr_plan(batch, RowOrder.LEVEL)
+    return TritonSweepPlan(str(device), DeviceSweep.build(csr.forward, device), DeviceSweep.build(csr.backward, device))
 
 
 def message_passing(gnn: GatedGNN, h: torch.Tensor, batch: GraphBatch, *, block_nodes: int = 16,
@@ -235,10 +241,10 @@ def message_passing(gnn: GatedGNN, h: torch.Tensor, batch: GraphBatch, *, block_
     """Forward then backward sweep of ``gnn`` over ``batch``: the same result as ``gnn(h, batch)``.
 
     Args:
-        gnn: the GatedGNN whose weights are used (fp32).
+        gnn: the GatedGNN whose weights are used (packed fp32: :meth:`GatedGNN.packed_weights`).
         h: ``(N, H)`` fp32 initial node states on a CUDA device (or on the CPU under
             ``TRITON_INTERPRET=1``); not modified.
-        batch: the graphs; the device CSR of its levels is cached on it.
+        batch: the graphs; their :class:`TritonSweepPlan` is built once per device.
         block_nodes: ``BLOCK_N``, nodes per program tile (power of two ≥ 16).
         block_edges: ``BLOCK_E``, edges gathered per step (power of two ≥ 16).
         persistent: one program per sweep (True) or one launch per level (False); None picks
@@ -259,37 +265,26 @@ def message_passing(gnn: GatedGNN, h: torch.Tensor, batch: GraphBatch, *, block_
             raise ValueError(f"Expected {name} to be a power of two >= 16 (got {b})")
     check_kernel_device(h, _sweep_kernel)
 
-    fwd, bwd = sweep_plans(batch, h.device)
+    plan = batch.plan(triton_sweep_plan, h.device)
     if persistent is None:
-        persistent = int(max(fwd.widths.max(), bwd.widths.max())) <= PERSISTENT_MAX_WIDTH
+        persistent = int(max(plan.forward.widths.max(), plan.backward.widths.max())) <= PERSISTENT_MAX_WIDTH
     with torch.no_grad():
         h = h.detach().contiguous().clone()
-        proj = h.new_zeros(len(h), 2 * hid)
-        proj[:, :hid] = gnn.mlp(h)
-        if gnn.mlp_ve is not None:
-            proj[:, hid:] = gnn.mlp_ve(h)
-    weights = _weights(gnn, h.device)
-    for plan in (fwd, bwd):
-        args = (h, proj, plan.slot_node, plan.level_ptr, plan.edge_ptr, plan.edge_src, plan.edge_slot,
-                plan.edge_one, plan.edge_inv, *weights)
-        meta = dict(HID=hid, USE_VE=gnn.mlp_ve is not None, BLOCK_N=block_nodes, BLOCK_E=block_edges)
+        proj = h.new_zeros(len(h), 2 * hid)  # [MLP(h), MLP_ve(h)]; the second half unused without ve
+        p0 = gnn.project(h)
+        proj[:, : p0.shape[1]] = p0
+    weights = gnn.packed_weights(h.device)
+    meta = dict(HID=hid, USE_VE=weights.use_ve, BLOCK_N=block_nodes, BLOCK_E=block_edges)
+    for sweep in (plan.forward, plan.backward):
+        args = (h, proj, sweep.slot_node, sweep.level_ptr, sweep.edge_ptr, sweep.edge_src, sweep.edge_slot,
+                sweep.edge_one, sweep.edge_inv, *weights.tensors())
         if persistent:
-            _sweep_kernel[(1,)](*args, 0, len(plan.widths), h.stride(0), proj.stride(0), SYNC=True, **meta)
+            _sweep_kernel[(1,)](*args, 0, len(sweep.widths), h.stride(0), proj.stride(0), SYNC=True, **meta)
         else:
-            for lv, width in enumerate(plan.widths.tolist()):
+            for lv, width in enumerate(sweep.widths.tolist()):
                 grid = (triton.cdiv(width, block_nodes),)
                 _sweep_kernel[grid](*args, lv, lv + 1, h.stride(0), proj.stride(0), SYNC=False, **meta)
     return h
-
-
-def _weights(gnn: GatedGNN, device: torch.device) -> list[torch.Tensor]:
-    """The 16 weight tensors in kernel order, contiguous fp32 on ``device``."""
-    mlp = gnn.mlp.fc
-    ve = gnn.mlp_ve.fc if gnn.mlp_ve is not None else mlp  # placeholders when USE_VE is off
-    gru = gnn.gru
-    ws = [mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias, ve[0].weight, ve[0].bias, ve[2].weight,
-          ve[2].bias, gru.weight_ih, gru.bias_ih, gru.weight_hh, gru.bias_hh]
-    return [w.detach().to(device=device, dtype=torch.float32).contiguous() for w in ws]
 
 
 # -- reference ----------------------------------------------------------------------------------
