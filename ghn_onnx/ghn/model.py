@@ -53,7 +53,8 @@ class GHN(nn.Module):
     def batch(self, graphs: list[Graph]) -> GraphBatch:
         """The graphs as one :class:`GraphBatch`, with what a no-autograd forward derives from
         the graphs alone built now (node inputs, decoding plan, the plan of the message-passing
-        engine a forward in this autograd mode runs), so that a forward does only per-call work. Built lazily instead if the GHN moves."""
+        engine a forward in this autograd mode runs), so that a forward does only per-call work.
+        Built lazily instead if the GHN moves."""
         batch = GraphBatch.build(graphs, cutoff=self.config.ve_cutoff, virtual=self.config.ve)
         device = self.embed.weight.device
         self._node_inputs(batch)
