@@ -38,11 +38,12 @@ from ghn_onnx.graph.batch import GraphBatch  # noqa: E402
 from ghn_onnx.convert import convert_file  # noqa: E402
 from ghn_onnx.ghn import GHN  # noqa: E402
 from ghn_onnx.ghn import checkpoint  # noqa: E402
-from ghn_onnx.ghn.decode.parameters import tile  # noqa: E402
+from ghn_onnx.ghn.decode import stores  # noqa: E402
+from ghn_onnx.ghn.decode.flat import split_flat  # noqa: E402
+from ghn_onnx.ghn.decode.parameters import tile, tile_periods  # noqa: E402
 from ghn_onnx.graph.graph import Graph  # noqa: E402
 
 from ghn_onnx.benchmarks.kernels import bench_kernels  # noqa: E402
-from ghn_onnx.ghn.decode.triton_store import decode_flat, decode_reference, split_flat, tile_reference  # noqa: E402
 from ghn_graphs import (assert_same_predictions, fresh_ghn, odd_shapes_graph, random_dag,  # noqa: E402
                         small_head_graph, two_node_graph)
 from ghn_onnx.ghn.hypernet.triton_sweep import (_sweep_kernel, message_passing,  # noqa: E402
@@ -173,6 +174,25 @@ def test_decode_dispatch_uses_triton_on_cuda(device, parity):
 
 
 # -- decoding -----------------------------------------------------------------------------------
+def tile_by_index(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
+    """The stores' indexing rule: ``out[o, i, y, x] = block[o % P0, i % P1, y % P2, x % P3]``."""
+    idx = [torch.arange(t) % p for p, t in zip(tile_periods(tuple(block.shape), target), target)]
+    return block[torch.meshgrid(*idx, indexing="ij")] if idx else block
+
+
+def tile_ghn2(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
+    """GHN-2's own tiling, dimension by dimension: slice, or repeat the whole block and chop."""
+    for d, t in enumerate(target):
+        have = block.shape[d]
+        if have > t:
+            block = block.narrow(d, 0, t)
+        elif have < t:
+            reps = [1] * block.dim()
+            reps[d] = -(-t // have)
+            block = block.repeat(*reps).narrow(d, 0, t)
+    return block
+
+
 @pytest.mark.parametrize("block, target", [
     ((64, 64, 3, 3), (10, 3, 3, 3)), ((64, 64, 3, 3), (100, 130, 3, 3)), ((64, 64, 1, 7), (96, 10, 1, 7)),
     ((64, 64, 7, 1), (100, 96, 7, 1)), ((64, 64, 3, 3), (100, 1, 3, 3)), ((64, 64, 11, 11), (5, 7, 16, 16)),
@@ -180,20 +200,54 @@ def test_decode_dispatch_uses_triton_on_cuda(device, parity):
     ((64,), (3,)), ((64, 64, 5), (129, 2, 3)),
 ])
 def test_tile_by_index_equals_tile(block, target):
-    """out[o,i,y,x] = block[o % min(bo,to), …]: repeats of the whole block, top-left spatial taps."""
+    """out[o,i,y,x] = block[o % min(bo,to), …]: repeats of the whole block, top-left spatial taps;
+    ``tile`` equals both GHN-2's slice-repeat-chop and the stores' index rule."""
     b = torch.randn(block)
-    assert torch.equal(tile_reference(b, target), tile(b, target))
+    assert torch.equal(tile(b, target), tile_ghn2(b, target))
+    assert torch.equal(tile_by_index(b, target), tile(b, target))
 
 
 def _check_decode(ghn: GHN, batch: GraphBatch, device: str, dtype=torch.float32) -> None:
     torch.manual_seed(5)
     h = torch.randn(batch.n_nodes, ghn.config.hid, device=device)
-    expected = decode_reference(ghn, h, batch)
-    flat, index = decode_flat(ghn, h, batch, dtype, **DEC_BLOCKS[device])
+    with torch.no_grad():
+        expected = ghn.decode_tensors(h, batch)
+    flat, index = ghn.decode_flat(h, batch, "triton", dtype, **DEC_BLOCKS[device])
     assert flat.dtype == dtype and flat.numel() == sum(int(np.prod(s)) for *_, s in index)
     tol = {torch.float32: dict(rtol=RTOL, atol=ATOL), torch.float16: dict(rtol=1e-3, atol=1e-5),
            torch.bfloat16: dict(rtol=8e-3, atol=1e-5)}[dtype]
     assert_same_predictions(split_flat(flat, index, len(batch.graphs)), expected, **tol)
+
+
+# Each store's options on each device (interpreter cost: big tiles on CPU).
+STORE_OPTIONS = {("triton", "cpu"): DEC_BLOCKS["cpu"]}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("name", sorted(stores.STORES))
+def test_every_store_matches_the_reference(name, device, parity):
+    """Every registered store, on every device it runs on, against GHN-2's own decoding
+    (``decode_tensors(reference=True)``: whole blocks, tile, then normalise)."""
+    reason = stores.get(name).unavailable(torch.device(device))
+    if reason is None and device == "cuda" and INTERPRET:
+        reason = "TRITON_INTERPRET=1: the kernels run on CPU tensors"
+    if reason is not None:
+        pytest.skip(f"{name} store on {device}: {reason}")
+    ghn = fresh_ghn(device, seed=8)
+    graphs = [odd_shapes_graph(), two_node_graph(), small_head_graph(), random_dag(12, 7),
+              fixture_graph(parity, "deepnets_9")]
+    batch = ghn.batch(graphs)
+    h = torch.randn(batch.n_nodes, ghn.config.hid, generator=torch.Generator().manual_seed(9)).to(device)
+    with torch.no_grad():
+        expected = ghn.decode_tensors(h, batch, reference=True)
+    flat, index = ghn.decode_flat(h, batch, name, **STORE_OPTIONS.get((name, device), {}))
+    assert_same_predictions(split_flat(flat, index, len(graphs)), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_unknown_store_is_refused():
+    with pytest.raises(ValueError, match="Expected a store in"):
+        stores.get("cuda-graphs")
+    assert stores.for_device("meta") is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -227,7 +281,7 @@ def test_decode_flat_matches_ppuda_fixture(device, parity):
     batch = ghn.batch([graph])
     with torch.no_grad():
         h = ghn.node_states(batch)
-    flat, index = decode_flat(ghn, h, batch, **DEC_BLOCKS[device])
+    flat, index = ghn.decode_flat(h, batch, "triton", **DEC_BLOCKS[device])
     pred = split_flat(flat, index, 1)[0]
     expected = np.load(parity["dir"] / "deepnets_11.expected.npz")
     names = {k.split("::")[0] for k in expected.files}
@@ -244,9 +298,11 @@ def test_decode_rejects_bad_input():
     ghn = fresh_ghn("cpu")
     batch = ghn.batch([two_node_graph()])
     with pytest.raises(ValueError, match="Expected h of shape"):
-        decode_flat(ghn, torch.zeros(3, 32), batch)
+        ghn.decode_flat(torch.zeros(3, 32), batch, "triton")
     with pytest.raises(ValueError, match="output dtype"):
-        decode_flat(ghn, torch.zeros(2, 32), batch, torch.float64)
+        ghn.decode_flat(torch.zeros(2, 32), batch, "triton", torch.float64)
+    with pytest.raises(ValueError, match="output dtype"):
+        ghn.decode_flat(torch.zeros(2, 32), batch, "numba", torch.float16)
 
 
 # -- benchmark ----------------------------------------------------------------------------------

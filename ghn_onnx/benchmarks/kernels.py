@@ -8,7 +8,7 @@ Each figure is the median of ``repeats`` runs after warm-up, synchronised on CUD
 
 * message passing: Triton kernel vs ``GatedGNN.forward_sequential`` (the reference loop) and
   ``GatedGNN.forward`` (level by level); on CPU also the numba fused sweep;
-* decoding: :func:`~ghn_onnx.ghn.decode.triton_store.decode_flat` vs ``GHN.decode_tensors`` (tensor by
+* decoding: ``GHN.decode_flat(h, batch, "triton")`` (:mod:`~ghn_onnx.ghn.decode.triton_store`) vs ``GHN.decode_tensors`` (tensor by
   tensor in PyTorch; ``GHN.decode`` itself takes the flat path without autograd), and the bandwidth
   bound of the decode: bytes of predicted parameters written / the device's copy bandwidth
   (``2 · bytes / time`` of a large tensor copy, read plus write).
@@ -109,10 +109,9 @@ def bench_kernels(device: str | torch.device = "cuda", graphs: list[Graph] | Non
                "params": n_params, "bytes_written_fp32": 4 * n_params,
                "copy_bandwidth_GBps": bw / 1e9, "bound_fp32_s": 4 * n_params / bw}
         if triton_ok:
-            from ghn_onnx.ghn.decode.triton_store import decode_flat
-
-            dec["triton_s"] = median_time(lambda: decode_flat(ghn, h, batch), device, repeats)
-            dec["triton_fp16_s"] = median_time(lambda: decode_flat(ghn, h, batch, torch.float16), device, repeats)
+            dec["triton_s"] = median_time(lambda: ghn.decode_flat(h, batch, "triton"), device, repeats)
+            dec["triton_fp16_s"] = median_time(lambda: ghn.decode_flat(h, batch, "triton", torch.float16),
+                                               device, repeats)
             dec["triton_GBps_written"] = 4 * n_params / dec["triton_s"] / 1e9
         out["decode"] = dec
     out["notes"] = notes

@@ -181,9 +181,7 @@ def bench_latency(cfg: BenchConfig, device: torch.device, log: Callable[[str], N
             params = sum(v.numel() for d in ghn(batch) for v in d.values())
             variants = {}
             if triton_support.available(device, ghn.config.hid):
-                from ghn_onnx.ghn.decode.triton_store import decode_flat
-
-                variants["flat_decode"] = lambda: decode_flat(ghn, ghn.node_states(batch), batch)
+                variants["flat_decode"] = lambda: ghn.decode_flat(ghn.node_states(batch), batch, "triton")
             forward = compare(lambda: ghn(batch), lambda: ghn(batch, sequential=True), cfg.rounds("latency"), sync,
                               variants=variants)
         log(f"latency: {name}, file to file")

@@ -5,12 +5,21 @@
   top-left ``kh × kw`` taps. The classifier head maps the 64 "out" rows to ``num_classes``.
 * :class:`Decoder1D`: ``hid → 2·hid → 2·out``, viewed ``(2, out)``: row 0 a norm's scale, row 1
   a bias.
+
+Which taps, which corner of the block and which 1-D row a tensor reads are the rules of
+:mod:`~ghn_onnx.ghn.decode.rules`; the methods here compute a selection (the ``fc`` rows of some
+taps, the outputs of the last 1×1 conv for some channels) without reaching into the layers.
+Module names are the reference's state-dict keys (GHN2_FACTS §9): they do not change.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Selected weights kept per decoder (see ConvDecoder.kept); bounded.
+_KEPT_ENTRIES = 64
 
 
 class ConvDecoder(nn.Module):
@@ -23,34 +32,74 @@ class ConvDecoder(nn.Module):
             nn.Conv2d(self.template_ch, 8 * hid, 1), nn.ReLU(), nn.Conv2d(8 * hid, self.out_ch * self.in_ch, 1)
         )
         self.class_layer_predictor = nn.Sequential(nn.ReLU(), nn.Conv2d(self.out_ch, num_classes, 1))
+        self._kept: dict[tuple, tuple] = {}  # what kept() selected, with the parameters' stamp
 
+    # -- selections (differentiable) ---------------------------------------------------------
+    def tap_rows(self, kh: int, kw: int, tap_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The template layer's weight ``(4·hid·kh·kw, hid)`` and bias rows that produce the
+        top-left ``kh × kw`` taps of the ``s × s`` template, ordered (channel, y, x), or
+        (y, x, channel) with ``tap_major`` (then a product's output is ``(n·taps, channels)``)."""
+        lin, ch, s = self.fc[0], self.template_ch, self.s
+        w = lin.weight.view(ch, s, s, -1)[:, :kh, :kw]
+        b = lin.bias.view(ch, s, s)[:, :kh, :kw]
+        if tap_major:
+            w, b = w.permute(1, 2, 0, 3), b.permute(1, 2, 0)
+        return w.reshape(-1, lin.in_features), b.reshape(-1)
+
+    def last_rows(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last 1×1 conv's weight ``(rows·cols, 8·hid)`` and bias rows for the top-left
+        ``rows × cols`` corner of the ``out × in`` channel block (output ``o·in + i``)."""
+        last = self.conv[2]
+        w = last.weight.view(self.out_ch, self.in_ch, -1)[:rows, :cols].reshape(rows * cols, -1)
+        b = last.bias.view(self.out_ch, self.in_ch)[:rows, :cols].reshape(-1)
+        return w, b
+
+    def kept(self, select: str, *args: int) -> tuple[torch.Tensor, ...]:
+        """``getattr(self, select)(*args)``, detached and contiguous, for inference: kept between
+        calls while this decoder's parameters stay the same (storage and in-place version
+        counter), since selecting rows copies up to 4 MB, as much as a small group's product."""
+        stamp = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = (select, *args)
+        hit = self._kept.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = tuple(w.detach().contiguous() for w in getattr(self, select)(*args))
+        if len(self._kept) >= _KEPT_ENTRIES:
+            self._kept.pop(next(iter(self._kept)))
+        self._kept[key] = (stamp, value)
+        return value
+
+    # -- layers ------------------------------------------------------------------------------
     def template(self, x: torch.Tensor, taps: tuple[int, int] | None = None) -> torch.Tensor:
         """``(n, hid)`` → ``(n, 4·hid, s, s)``, or only its top-left ``taps = (kh, kw)``:
         ``(n, 4·hid, kh, kw)``, computed from just those output rows of the linear layer."""
         if taps is None or taps == (self.s, self.s):
             return self.fc(x).view(len(x), self.template_ch, self.s, self.s)
         kh, kw = taps
-        lin = self.fc[0]
-        w = lin.weight.view(self.template_ch, self.s, self.s, -1)[:, :kh, :kw].reshape(-1, lin.in_features)
-        b = lin.bias.view(self.template_ch, self.s, self.s)[:, :kh, :kw].reshape(-1)
-        return torch.relu(torch.nn.functional.linear(x, w, b)).view(len(x), self.template_ch, kh, kw)
+        w, b = self.tap_rows(kh, kw)
+        return torch.relu(F.linear(x, w, b)).view(len(x), self.template_ch, kh, kw)
+
+    def hidden_rows(self, taps: torch.Tensor) -> torch.Tensor:
+        """The channel MLP's first layer (1×1 conv + ReLU) on template taps given as rows:
+        ``(m, 4·hid)`` → ``(m, 8·hid)``."""
+        first = self.conv[0]
+        return F.relu(F.linear(taps, first.weight.view(first.out_channels, self.template_ch), first.bias))
 
     def blocks(self, template: torch.Tensor, kh: int, kw: int, rows: int | None = None,
                cols: int | None = None) -> torch.Tensor:
         """``(n, 4·hid, s, s)`` → ``(n, rows, cols, kh, kw)`` from the top-left taps.
 
         ``rows × cols`` (default: all ``out × in``) selects the top-left corner of the channel
-        block by computing only those output rows of the last 1×1 conv (row ``o·in + i``), which
+        block by computing only those output rows of the last 1×1 conv (:meth:`last_rows`), which
         equals decoding the whole block and slicing it, for any ``rows``, ``cols``."""
         rows, cols = rows or self.out_ch, cols or self.in_ch
         x = template[:, :, :kh, :kw]
         if rows == self.out_ch and cols == self.in_ch:
             y = self.conv(x)  # (n, out·in, kh, kw)
         else:
-            last = self.conv[2]
-            sel = last.weight.view(self.out_ch, self.in_ch, -1)[:rows, :cols].reshape(rows * cols, -1, 1, 1)
-            bias = last.bias.view(self.out_ch, self.in_ch)[:rows, :cols].reshape(-1)
-            y = torch.nn.functional.conv2d(self.conv[1](self.conv[0](x)), sel, bias)  # (n, rows·cols, kh, kw)
+            sel, bias = self.last_rows(rows, cols)
+            hidden = self.conv[1](self.conv[0](x))
+            y = F.conv2d(hidden, sel.view(rows * cols, -1, 1, 1), bias)  # (n, rows·cols, kh, kw)
         return y.view(len(y), rows, cols, kh, kw)
 
     def classifier(self, block: torch.Tensor) -> torch.Tensor:

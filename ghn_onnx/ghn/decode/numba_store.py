@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,25 +28,41 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; the per-tensor path still works
     numba = None
 
-from ghn_onnx.ghn.decode.flat import SHAPE, DecodePlan
+from ghn_onnx.ghn.decode.flat import DecodePlan
 
 
 def available() -> bool:
     return numba is not None
 
 
-def _work_lists(plan: DecodePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Metadata as numpy, the row items ``(tensor, row)`` for rows below ``P0``, and the copy
-    items ``(tensor, k)``: row block ``k ≥ 1`` of ``P0`` rows, a copy of block 0."""
-    if "numba" not in plan.cache:
-        meta = np.ascontiguousarray(plan.meta.cpu().numpy())
-        p0, t0 = meta[:, 5], meta[:, SHAPE]
+class _Work(NamedTuple):
+    """A plan's store metadata as numpy (the fields of :class:`~ghn_onnx.ghn.decode.flat.StoreMeta`)
+    and the work items: ``rows`` ``(tensor, row)`` for rows below ``P0``, ``copies`` ``(tensor, k)``
+    for row block ``k ≥ 1`` of ``P0`` rows, a copy of block 0."""
+
+    src_off: np.ndarray
+    stride: np.ndarray
+    period: np.ndarray
+    dim: np.ndarray
+    out_off: np.ndarray
+    scale: np.ndarray
+    rows: np.ndarray
+    copies: np.ndarray
+
+
+def _work_lists(plan: DecodePlan) -> _Work:
+    """The plan's :class:`_Work`, built once per plan."""
+    def build() -> _Work:
+        m = plan.meta
+        src_off, stride, period, dim, out_off, scale = (
+            np.ascontiguousarray(t.cpu().numpy()) for t in (m.src_off, m.stride, m.period, m.dim, m.out_off, m.scale))
+        p0, t0 = period[:, 0], dim[:, 0]
         n_blocks = -(-t0 // np.maximum(p0, 1))
-        rows = _ranges(p0)
         copies = _ranges(np.maximum(n_blocks - 1, 0))  # an empty tensor has no blocks
         copies[:, 1] += 1
-        plan.cache["numba"] = (meta, rows, copies)
-    return plan.cache["numba"]
+        return _Work(src_off, stride, period, dim, out_off, scale, _ranges(p0), copies)
+
+    return plan.derived(("numba",), build)
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
@@ -101,13 +118,17 @@ def _quarter_of_memory() -> int:
 OUTPUT = OutputBuffer()
 
 
-def store(src: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+def store(plan: DecodePlan, src: torch.Tensor) -> torch.Tensor:
     """The flat fp32 output ``(plan.total,)`` from the source buffer of
     :func:`~ghn_onnx.ghn.decode.flat.decode_sources` (CPU), in :data:`OUTPUT`'s memory."""
-    meta, rows, copies = _work_lists(plan)
+    if numba is None:
+        raise RuntimeError("the numba store needs numba (a dependency of ghn-onnx)")
+    if src.device.type != "cpu" or src.dtype != torch.float32 or src.shape != (plan.src_numel,):
+        raise ValueError(f"Expected an fp32 CPU source buffer of {plan.src_numel} elements "
+                         f"(got {src.dtype} {tuple(src.shape)} on {src.device})")
+    work = _work_lists(plan)
     out = OUTPUT.get(plan.total)
-    scale = np.ascontiguousarray(plan.scale.cpu().numpy())
-    _store(src.detach().contiguous().numpy(), out, meta, scale, rows, copies)
+    _store(src.detach().contiguous().numpy(), out, *work)  # _Work's fields in order
     return torch.from_numpy(out)
 
 
@@ -123,16 +144,16 @@ if numba is not None:
             out[dst:dst + n] = out[src:src + n]
 
     @numba.njit(cache=True, parallel=True)
-    def _store(src, out, meta, scale, rows, copies):
+    def _store(src, out, src_off, stride, period, dim, out_off, scale, rows, copies):
         for w in numba.prange(len(rows)):
             t, o = rows[w, 0], rows[w, 1]
-            s_off = meta[t, 0] + o * meta[t, 1]
-            s1, s2, s3 = meta[t, 2], meta[t, 3], meta[t, 4]
-            p1, p2, p3 = meta[t, 6], meta[t, 7], meta[t, 8]
-            t1, t2, t3 = meta[t, 10], meta[t, 11], meta[t, 12]
+            s_off = src_off[t] + o * stride[t, 0]
+            s1, s2, s3 = stride[t, 1], stride[t, 2], stride[t, 3]
+            p1, p2, p3 = period[t, 1], period[t, 2], period[t, 3]
+            t1, t2, t3 = dim[t, 1], dim[t, 2], dim[t, 3]
             f = scale[t]
             row_len = t1 * t2 * t3
-            d = meta[t, 13] + o * row_len
+            d = out_off[t] + o * row_len
             if t2 * t3 == 1:  # linear layers, 1x1 convs, 1-D tensors: a strided run of p1 values
                 for i in range(p1):
                     out[d + i] = src[s_off + i * s1] * f
@@ -161,9 +182,9 @@ if numba is not None:
                 filled += n
         for w in numba.prange(len(copies)):
             t, b = copies[w, 0], copies[w, 1]
-            p0, t0 = meta[t, 5], meta[t, SHAPE]
-            row_len = meta[t, 10] * meta[t, 11] * meta[t, 12]
-            d = meta[t, 13]
+            p0, t0 = period[t, 0], dim[t, 0]
+            row_len = dim[t, 1] * dim[t, 2] * dim[t, 3]
+            d = out_off[t]
             first = b * p0
             n = (min(t0, first + p0) - first) * row_len
             _copy(out, d + first * row_len, d, n)

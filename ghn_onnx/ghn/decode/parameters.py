@@ -1,7 +1,8 @@
 """From decoded blocks to parameters of the exact target shape (GHN2_FACTS §4.5, §4.6).
 
-Tiling: slice each dimension to the target, or repeat the whole block along it and chop
-(channel order 0..63, 0..63, ...). Normalisation (GHN-2's ``-n``), on the tiled tensor:
+Tiling (:func:`tile`, the one statement of the rule; the flat stores implement it through
+:func:`tile_periods`): slice each dimension to the target, or repeat the whole block along it and
+chop (channel order 0..63, 0..63, ...). Normalisation (GHN-2's ``-n``), on the tiled tensor:
 
 * weights: :math:`w \\cdot \\sqrt{\\beta / \\text{fan\\_in}}`, fan_in = ``w[0].numel()``;
   β = 1 for 4-D depthwise kernels (``in/groups == 1``) and for ``kh < kw`` (the 1×k half of a
@@ -17,27 +18,25 @@ import math
 import torch
 
 
+def tile_periods(block: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...]:
+    """The tiling rule's periods ``P_d = min(B_d, T_d)``: :func:`tile` gives
+    ``out[o, i, y, x] = block[o mod P0, i mod P1, y mod P2, x mod P3]``."""
+    return tuple(min(b, t) for b, t in zip(block, target))
+
+
 def tile(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
-    """Slice or repeat ``block`` to ``target`` dimension by dimension (same rank)."""
+    """``block`` sliced or repeated to ``target`` dimension by dimension (same rank): GHN-2's
+    slice to the target, repeat the whole block, chop; i.e. ``out[k] = block[k mod P]`` with
+    :func:`tile_periods` ``P``. Differentiable; a fresh contiguous tensor.
+
+    Written in one copy: the repeats are broadcast dimensions of a view ``(r0, P0, r1, P1, ...)``
+    copied once into the output.
+
+    Shapes: ``block (B0, ..., Bk)`` → ``(T0, ..., Tk)``.
+    """
     if block.dim() != len(target):
         raise ValueError(f"Expected a block of rank {len(target)} (got {tuple(block.shape)})")
-    for d, t in enumerate(target):
-        have = block.shape[d]
-        if have > t:
-            block = block.narrow(d, 0, t)
-        elif have < t:
-            reps = [1] * block.dim()
-            reps[d] = math.ceil(t / have)
-            block = block.repeat(*reps).narrow(d, 0, t)
-    return block
-
-
-def expand_tile(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
-    """Same result as :func:`tile`, written in one copy: repeats become broadcast dimensions
-    of a view (``(r0, b0, r1, b1, ...)``) copied once into the output."""
-    if block.dim() != len(target):
-        raise ValueError(f"Expected a block of rank {len(target)} (got {tuple(block.shape)})")
-    block = block[tuple(slice(0, min(b, t)) for b, t in zip(block.shape, target))]
+    block = block[tuple(slice(0, p) for p in tile_periods(tuple(block.shape), target))]
     reps = [math.ceil(t / b) for b, t in zip(block.shape, target)]
     if all(r == 1 for r in reps):
         return block.contiguous()
