@@ -9,7 +9,9 @@ The Python API; the ``ghn-onnx`` commands run the same code (:mod:`ghn_onnx.pipe
 * :func:`predict_files` ``(inputs, outputs, ghn=None, options=None, **options) -> list[Prediction]``:
   file to file, all inputs in one GHN batch, outputs written atomically;
 * :func:`inspect` ``(model) -> Report``: what a GHN would see and predict of a model;
-* :class:`PredictOptions`: BN calibration, ``unfold_bn``, device, metadata, as one frozen dataclass.
+* :class:`PredictOptions`: BN calibration, ``unfold_bn``, device, metadata, as one frozen dataclass;
+* :func:`ghn_onnx.torch.init_` ``(module, example_input, **options) -> Report``: predict a PyTorch
+  module's parameters and copy them into it, in place.
 
 Example, from a checkout's root (``predict`` loads the shipped checkpoint when given no GHN)::
 
@@ -41,6 +43,10 @@ def __getattr__(name: str):
         from ghn_onnx.report import inspection as module
     elif name == "GHN":
         from ghn_onnx.ghn import model as module
+    elif name == "torch":  # the submodule itself: ghn_onnx.torch.init_(module, example_input)
+        import importlib
+
+        return importlib.import_module("ghn_onnx.torch")
     else:
         raise AttributeError(f"module 'ghn_onnx' has no attribute {name!r}")
     value = getattr(module, name)

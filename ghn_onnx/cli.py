@@ -88,6 +88,34 @@ def _draw(graph: Graph, path: Path, fmt: str) -> None:
 
 # -- predict -------------------------------------------------------------------------------------
 
+def normalisation_options(command):
+    """--mean / --std / --no-normalize: how calibration images are normalised (predict, calibrate)."""
+    command = click.option("--no-normalize", is_flag=True,
+                           help="Feed calibration images as pixel values 0..255, for models with their own "
+                                "rescaling / normalisation layers (excludes --mean and --std).")(command)
+    command = click.option("--std", default=None, metavar="S[,S,...]",
+                           help="Per-channel std of calibration images, (x/255 - mean)/std; one value or one "
+                                "per channel. Default: CIFAR-10's 0.2470,0.2435,0.2616.")(command)
+    return click.option("--mean", default=None, metavar="M[,M,...]",
+                        help="Per-channel mean of calibration images (scaled to 0..1); one value or one per "
+                             "channel. Default: CIFAR-10's 0.4914,0.4822,0.4465.")(command)
+
+
+def _normalisation(mean: str | None, std: str | None, no_normalize: bool) -> dict:
+    """The PredictOptions / calibration_set keywords of --mean, --std, --no-normalize."""
+    if no_normalize and (mean is not None or std is not None):
+        raise InputError("--no-normalize feeds raw pixel values: give it without --mean and --std")
+    out: dict = {"no_normalize": no_normalize}
+    for flag, value in (("mean", mean), ("std", std)):
+        if value is None:
+            continue
+        try:
+            out[flag] = tuple(float(v) for v in value.split(","))
+        except ValueError:
+            raise InputError(f"--{flag}: expected comma-separated numbers (got {value!r})") from None
+    return out
+
+
 def _load_ghn(checkpoint_path: Path | None, device: str):
     """The GHN of ``--checkpoint`` (default: the shipped one) and its file."""
     from ghn_onnx.pipeline import load_ghn, resolve_checkpoint
@@ -123,12 +151,13 @@ def _check_device(device: str) -> str:
               help="How many images to draw (at random) for calibration.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration subset.")
+@normalisation_options
 @click.option("--unfold-bn", is_flag=True,
               help="For BN-folded exports: predict as if a BN followed each folded conv, calibrate its "
                    "statistics on --calibrate images, and write the folded conv weight and bias.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, batch_size,
-            seed, unfold_bn, as_json) -> None:
+            seed, mean, std, no_normalize, unfold_bn, as_json) -> None:
     """Predict every supported parameter of each IN.onnx and write the model(s) back out.
 
     All inputs go through the GHN together, in one batch. Each output keeps the input's
@@ -152,7 +181,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
         outputs = [output]
     ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
     options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=batch_size,
-                             seed=seed, unfold_bn=unfold_bn, device=device,
+                             seed=seed, **_normalisation(mean, std, no_normalize), unfold_bn=unfold_bn, device=device,
                              metadata={"checkpoint_sha256": file_sha256(ckpt)})
     try:
         results = predict_files(
@@ -180,19 +209,32 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
 @click.option("--images", type=int, default=512, show_default=True, help="How many images to draw at random.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size of the passes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the image subset.")
-def calibrate(model, output, data, images, batch_size, seed) -> None:
-    """Measure BN running statistics of IN.onnx on images and write them (nothing else changes)."""
-    from ghn_onnx.bn.calibration import calibrate_bn, calibration_batches
+@normalisation_options
+def calibrate(model, output, data, images, batch_size, seed, mean, std, no_normalize) -> None:
+    """Measure BN running statistics of IN.onnx on images and write them (nothing else changes).
+
+    Images come from the train/ split of a folder or zip that has splits, are resized to the
+    model's input size and laid out as its input is (NCHW or NHWC). A model with a fixed batch
+    size is calibrated at that size. A model with no BatchNormalization is written unchanged."""
+    from ghn_onnx.bn.calibration import calibrate_bn, calibration_set, calibration_targets
     from ghn_onnx.onnx_io.loading import load_model
     from ghn_onnx.writeback.write import save_model
 
+    normalisation = _normalisation(mean, std, no_normalize)
     try:
         m = load_model(model)
-        calibrated = calibrate_bn(m, calibration_batches(m, data, images, batch_size, seed))
-        save_model(calibrated, output, source_path=model)
+        if not calibration_targets(m):
+            save_model(m, output, source_path=model)
+            click.echo(f"wrote {output} unchanged: {model.name} has no BatchNormalization with stored running "
+                       "statistics, nothing to calibrate")
+            return
+        calibration = calibration_set(m, data, images, batch_size, seed, **normalisation)
+        save_model(calibrate_bn(m, calibration.batches), output, source_path=model)
     except GhnOnnxError as exc:
         raise InputError(str(exc)) from None
-    click.echo(f"wrote {output} (BN statistics from {images} images)")
+    for note in calibration.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {output} (BN statistics from {calibration.images} images)")
 
 
 @main.command("convert-checkpoint", epilog=EXIT_CODES_HELP)

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import torch
 
-from ghn_onnx.bn.calibration import calibrate_bn, calibration_batches
+from ghn_onnx.bn.calibration import CalibrationSet, calibrate_bn, calibration_set, calibration_targets
 from ghn_onnx.convert import convert
 from ghn_onnx.errors import CheckpointError, GhnOnnxError
 from ghn_onnx.ghn import checkpoint
@@ -46,6 +46,7 @@ from ghn_onnx.writeback.write import resolve_shared, save_model, write_predictio
 
 # Graphs decoded together in one GHN call; bounds memory when predicting many files.
 MAX_NODES_PER_CALL = 20_000
+NO_BN_TO_CALIBRATE = "calibration skipped: no BatchNormalization with stored running statistics to calibrate"
 UNCALIBRATED_UNFOLD_WARNING = ("BN unfolded without calibration images: the unfolded BNs' statistics are "
                                "mean 0, var 1; pass calibration images (--calibrate IMAGES) to measure them")
 
@@ -58,9 +59,14 @@ class PredictOptions:
         calibrate: calibration images (folder, ``.zip``, ``.npy`` / ``.npz``; see
             :func:`~ghn_onnx.bn.images.load_calibration_data`): measure BN running statistics on
             them after prediction. ``None``: statistics stay as stored (BN status ``uncalibrated``).
-        calibration_images: how many images to draw, at random, from ``calibrate``.
-        batch_size: calibration batch size.
+        calibration_images: how many images to draw, at random, from the training images of
+            ``calibrate`` (``train/`` of a folder or zip that has splits).
+        batch_size: calibration batch size (a model with a fixed batch size is calibrated at its own).
         seed: seed of the calibration subset.
+        mean, std: per-channel normalisation of calibration images, ``(x / 255 - mean) / std``
+            (one value or one per channel). ``None``: CIFAR-10's.
+        no_normalize: feed calibration images as pixel values ``0..255`` (models with their own
+            rescaling / normalisation layers); excludes ``mean`` and ``std``.
         unfold_bn: predict BN-folded exports as their BN-kept originals (:func:`predict_unfolded`).
         device: where the GHN runs. ``None``: CPU when the GHN is loaded here, else where the GHN
             given is; a GHN given on another device is an error.
@@ -72,6 +78,9 @@ class PredictOptions:
     calibration_images: int = 512
     batch_size: int = 64
     seed: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    no_normalize: bool = False
     unfold_bn: bool = False
     device: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -79,6 +88,17 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
+        for name in ("mean", "std"):  # tuples: hashable, like the rest of the options
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in np.atleast_1d(value)))
+        if self.no_normalize and (self.mean is not None or self.std is not None):
+            raise GhnOnnxError("no_normalize feeds raw pixel values: give it without mean and std")
+
+    def calibration_set(self, model: onnx.ModelProto) -> CalibrationSet:
+        """The calibration batches these options give for ``model`` (:func:`calibration_set`)."""
+        return calibration_set(model, self.calibrate, self.calibration_images, self.batch_size, self.seed,
+                               mean=self.mean, std=self.std, no_normalize=self.no_normalize)
 
 
 @dataclass
@@ -254,12 +274,10 @@ def _predict_batch(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
     results = []
     for (model, graph), name, fold in zip(prepared, names, folded):
         if fold:
-            batches = None
-            if options.calibrate is not None:
-                batches = calibration_batches(model, options.calibrate, options.calibration_images,
-                                              options.batch_size, options.seed)
-            results.append(dataclasses.replace(
-                predict_unfolded(model, graph, ghn, batches, metadata, options.reference), name=name))
+            data = options.calibration_set(model) if options.calibrate is not None else None
+            pred = predict_unfolded(model, graph, ghn, data and data.batches, metadata, options.reference)
+            notes = data.notes if data else []
+            results.append(dataclasses.replace(pred, name=name, warnings=pred.warnings + notes))
             continue
         pred = next(params)
         status = bn_status(graph)
@@ -275,14 +293,18 @@ def _predict_batch(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
 
 
 def _calibrate(pred: Prediction, options: PredictOptions) -> None:
-    """Calibrate ``pred``'s BN statistics in place when ``options`` asks for it and it has BNs to
-    calibrate (unfolded models were calibrated before folding back)."""
-    if options.calibrate is None or pred.bn_status == "none" or pred.bn_status.startswith("unfolded"):
+    """Calibrate ``pred``'s BN statistics in place when ``options`` asks for it (unfolded models
+    were calibrated before folding back). A model with no BatchNormalization statistics to
+    calibrate keeps its BN status, with a warning, and no images are read."""
+    if options.calibrate is None or pred.bn_status.startswith("unfolded"):
         return
-    batches = calibration_batches(pred.model, options.calibrate, options.calibration_images, options.batch_size,
-                                  options.seed)
-    pred.model = calibrate_bn(pred.model, batches, graph=pred.graph)
-    pred.bn_status = f"calibrated:{options.calibration_images}"
+    if not calibration_targets(pred.model, pred.graph):
+        pred.warnings.append(f"{NO_BN_TO_CALIBRATE} (BN status stays {pred.bn_status})")
+        return
+    data = options.calibration_set(pred.model)
+    pred.model = calibrate_bn(pred.model, data.batches, graph=pred.graph)
+    pred.bn_status = f"calibrated:{data.images}"
+    pred.warnings.extend(data.notes)
     _set_bn_metadata(pred.model, pred.bn_status)
 
 

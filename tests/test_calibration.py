@@ -14,8 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ghn_onnx.bn.calibration import (CIFAR10_MEAN, CIFAR10_STD, batch_stats_model, calibrate_bn, data_input,
-                                  iter_batches, load_calibration_data)
+from click.testing import CliRunner
+
+from ghn_onnx.bn.calibration import (CIFAR10_MEAN, CIFAR10_STD, batch_stats_model, calibrate_bn, calibration_set,
+                                     calibration_targets, data_input, input_spec, iter_batches, load_calibration_data)
 from ghn_onnx.convert import convert
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph.graph import Graph
@@ -260,8 +262,6 @@ def test_image_folder_and_zip(tmp_path):
 
 def test_data_errors(tmp_path):
     write_pngs(tmp_path)
-    with pytest.raises(GhnOnnxError, match="resizing is not supported"):
-        load_calibration_data(tmp_path, (3, 32, 32), n=2, seed=0)
     with pytest.raises(GhnOnnxError, match="asked for 7"):
         load_calibration_data(tmp_path, (3, 4, 5), n=7, seed=0)
     with pytest.raises(GhnOnnxError, match="normalisation"):
@@ -281,3 +281,218 @@ def test_cifar_zip_subset_is_seeded(resnet):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert abs(float(a.mean())) < 1.0  # normalised
+
+
+# -- calibration for any model: layout, size, normalisation, splits, fixed batches, no BN ---------
+
+FRAMEWORKS = Path(__file__).resolve().parent / "fixtures" / "frameworks"
+
+
+def write_split_pngs(root: Path, splits: dict[str, int], size=(32, 32)) -> dict[str, list[np.ndarray]]:
+    """``splits[name]`` random RGB PNGs under ``root/<name>/<class>/``; the images by split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(len(splits))
+    out: dict[str, list[np.ndarray]] = {}
+    for split, count in splits.items():
+        for i in range(count):
+            img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            path = root / split / ("cat" if i % 2 else "dog") / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+            out.setdefault(split, []).append(img)
+    return out
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for p in sorted(folder.rglob("*.png")):
+            zf.write(p, p.relative_to(folder).as_posix())
+    return path
+
+
+@pytest.mark.parametrize("fixture, layout, size", [("torch_cnn", "NCHW", (3, 16, 16)),
+                                                   ("flax_cnn", "NHWC", (3, 16, 16)),
+                                                   ("keras_cnn", "NHWC", (3, 16, 16))])
+def test_input_spec_reads_layout_and_size(fixture, layout, size):
+    spec = input_spec(onnx.load(FRAMEWORKS / f"{fixture}.onnx"))
+    assert (spec.layout, (spec.channels, spec.height, spec.width), spec.batch) == (layout, size, None)
+    assert spec.image_shape == ((3, 16, 16) if layout == "NCHW" else (16, 16, 3))
+
+
+def test_input_spec_falls_back_on_the_shape():
+    rng = np.random.default_rng(0)
+    model = bn_model(rng)  # BN straight on an (N, 4, 5, 5) input: neither a Conv nor a Transpose reads it
+    with pytest.raises(GhnOnnxError, match="NCHW or NHWC"):
+        input_spec(model)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    assert input_spec(model).layout == "NCHW"
+
+
+def test_calibration_takes_train_images_only(tmp_path):
+    images = write_split_pngs(tmp_path / "data", {"train": 3, "test": 4}, size=(4, 4))
+    archive = zip_folder(tmp_path / "data", tmp_path / "data.zip")
+    want = sorted(i.tobytes() for i in images["train"])
+    for source in (tmp_path / "data", archive):
+        x = load_calibration_data(source, (3, 4, 4), n=3, seed=0, normalize=False)
+        assert sorted(np.ascontiguousarray(i.transpose(1, 2, 0)).astype(np.uint8).tobytes() for i in x) == want
+        with pytest.raises(GhnOnnxError, match="asked for 4 calibration images, found 3"):
+            load_calibration_data(source, (3, 4, 4), n=4, seed=0)
+
+
+def test_held_out_splits_alone_are_refused(tmp_path):
+    write_split_pngs(tmp_path / "data", {"test": 2, "val": 2}, size=(4, 4))
+    for source in (tmp_path / "data", zip_folder(tmp_path / "data", tmp_path / "data.zip")):
+        with pytest.raises(GhnOnnxError, match="none under train/"):
+            load_calibration_data(source, (3, 4, 4), n=1, seed=0)
+    # the test folder named directly is the caller's choice: no split on the paths below it
+    assert load_calibration_data(tmp_path / "data" / "test", (3, 4, 4), n=2, seed=0).shape == (2, 3, 4, 4)
+
+
+def test_images_are_resized_and_laid_out_as_the_model_wants(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    colour = np.array([10, 120, 250], np.uint8)
+    Image.fromarray(np.broadcast_to(colour, (6, 8, 3)).copy()).save(tmp_path / "imgs" / "a.png")  # 8 wide, 6 high
+    nhwc = load_calibration_data(tmp_path / "imgs", (4, 4, 3), n=1, normalize=False, layout="NHWC")
+    nchw = load_calibration_data(tmp_path / "imgs", (3, 4, 4), n=1, normalize=False)
+    assert nhwc.shape == (1, 4, 4, 3) and nchw.shape == (1, 3, 4, 4)
+    np.testing.assert_array_equal(nhwc[0], np.broadcast_to(colour.astype(np.float32), (4, 4, 3)))
+    np.testing.assert_array_equal(nchw[0], nhwc[0].transpose(2, 0, 1))
+    u8 = np.broadcast_to(colour, (2, 8, 8, 3)).copy()
+    np.save(tmp_path / "u8.npy", u8)
+    got = load_calibration_data(tmp_path / "u8.npy", (3, 4, 4), n=2, mean=0.5, std=0.25)  # one value: every channel
+    np.testing.assert_allclose(got[:, :, 0, 0], np.broadcast_to((colour / 255 - 0.5) / 0.25, (2, 3)), rtol=1e-6)
+
+
+def test_float_arrays_are_taken_in_the_models_layout(tmp_path):
+    x = np.random.default_rng(0).standard_normal((5, 16, 16, 3)).astype(np.float32)
+    np.save(tmp_path / "nhwc.npy", x)
+    model = onnx.load(FRAMEWORKS / "flax_cnn.onnx")
+    batches = calibration_set(model, tmp_path / "nhwc.npy", 5, batch_size=2).batches
+    assert [b.shape for b in batches] == [(2, 16, 16, 3), (2, 16, 16, 3), (1, 16, 16, 3)]
+    assert sorted(np.concatenate(batches).ravel().tolist()) == sorted(x.ravel().tolist())
+    with pytest.raises(GhnOnnxError, match=r"model's layout \(N, 3, 16, 16\) \(NCHW\)"):
+        calibration_set(onnx.load(FRAMEWORKS / "torch_cnn.onnx"), tmp_path / "nhwc.npy", 5)
+
+
+def conv_output_moments(model: onnx.ModelProto, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    sess = __import__("onnxruntime").InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run([name], {sess.get_inputs()[0].name: x})[0].astype(np.float64)
+    return y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3))
+
+
+def test_nhwc_export_calibrates_from_an_image_folder(tmp_path):
+    """flax_cnn takes (B, 16, 16, 3); the folder holds 32x32 train/ and test/ images."""
+    from ghn_onnx.cli import main
+
+    write_split_pngs(tmp_path / "data", {"train": 6, "test": 3})
+    src, out = FRAMEWORKS / "flax_cnn.onnx", tmp_path / "cal.onnx"
+    res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(out), "--data", str(tmp_path / "data"),
+                                    "--images", "6", "--batch-size", "4", "--seed", "1", "--mean", "0.5",
+                                    "--std", "0.25,0.25,0.25"])
+    assert res.exit_code == 0, res.output
+    assert "BN statistics from 6 images" in res.output
+    x = load_calibration_data(tmp_path / "data", (16, 16, 3), 6, seed=1, mean=(0.5,), std=(0.25,), layout="NHWC")
+    mean, var = conv_output_moments(onnx.load(src), "Conv_0", x)  # the first BN reads Conv_0
+    calibrated = onnx.load(out)
+    bn = next(n for n in calibrated.graph.node if n.op_type == "BatchNormalization")
+    np.testing.assert_allclose(stats(calibrated, bn.input[3]), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats(calibrated, bn.input[4]), var, rtol=1e-5, atol=1e-6)
+
+
+class FixedBatch(nn.Module):
+    """conv-BN-relu, then a reshape to the traced batch size: its export only runs at batch 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).reshape(4, -1))
+
+
+def test_fixed_batch_export_calibrates_at_its_own_batch_size(tmp_path):
+    from ghn_onnx.cli import main
+
+    torch.manual_seed(5)
+    module = randomise_bn(FixedBatch()).eval()
+    f = tmp_path / "fixed.onnx"
+    torch.onnx.export(module, (torch.randn(4, 3, 8, 8),), str(f), dynamo=False, opset_version=17,
+                      do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL, input_names=["x"])
+    assert input_spec(onnx.load(f)).batch == 4
+    np.save(tmp_path / "u8.npy", np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8))
+    data = calibration_set(onnx.load(f), tmp_path / "u8.npy", 10, batch_size=64)
+    assert [len(b) for b in data.batches] == [4, 4] and data.images == 8
+    assert any("fixed batch size of 4" in n for n in data.notes) and any("rounded down to 8" in n for n in data.notes)
+    out = tmp_path / "cal.onnx"
+    res = CliRunner().invoke(main, ["calibrate", str(f), "-o", str(out), "--data", str(tmp_path / "u8.npy"),
+                                    "--images", "10"])
+    assert res.exit_code == 0, res.output
+    assert "BN statistics from 8 images" in res.stdout and "fixed batch size of 4" in res.stderr
+    reference = torch_calibrate(module, data.batches)
+    np.testing.assert_allclose(stats(onnx.load(out), "bn.running_var"), reference.bn.running_var.numpy(), rtol=1e-5)
+    with pytest.raises(GhnOnnxError, match="at least 4 images"):
+        calibration_set(onnx.load(f), tmp_path / "u8.npy", 3)
+
+
+def test_data_the_model_cannot_take_is_a_one_line_error(resnet):
+    with pytest.raises(GhnOnnxError, match=r"onnxruntime cannot run the model on the calibration batch \(x \(2, 4,"):
+        calibrate_bn(resnet[1], [np.zeros((2, 4, 16, 16), np.float32)])  # 4 channels, the stem conv takes 3
+    with pytest.raises(GhnOnnxError, match="has 3 channels, its running statistics 4"):
+        calibrate_bn(bn_model(np.random.default_rng(0)), [np.zeros((2, 3, 5, 5), np.float32)])
+
+
+@pytest.mark.parametrize("fixture, status", [("torch_vit", "none"), ("torch_cnn_legacy_folded", "folded")])
+def test_a_model_without_bn_is_not_calibrated(fixture, status, tmp_path):
+    import ghn_onnx
+    from ghn_onnx.pipeline import NO_BN_TO_CALIBRATE
+
+    np.save(tmp_path / "u8.npy", np.zeros((4, 16, 16, 3), np.uint8))
+    assert calibration_targets(onnx.load(FRAMEWORKS / f"{fixture}.onnx")) == []
+    pred = ghn_onnx.predict(FRAMEWORKS / f"{fixture}.onnx", calibrate=tmp_path / "u8.npy", calibration_images=512)
+    assert pred.bn_status == status  # 512 images are more than the file holds: it was never read
+    assert {p.key: p.value for p in pred.model.metadata_props}["ghn_onnx.bn"] == status
+    assert sum(NO_BN_TO_CALIBRATE in w for w in pred.warnings) == 1
+
+
+def test_calibrate_command_on_a_model_without_bn(tmp_path):
+    from ghn_onnx.cli import main
+
+    src, out = FRAMEWORKS / "torch_vit.onnx", tmp_path / "out.onnx"
+    res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(out), "--data", str(tmp_path / "missing")])
+    assert res.exit_code == 0, res.output
+    assert "unchanged" in res.output and "nothing to calibrate" in res.output
+    assert onnx.load(out).graph == onnx.load(src).graph
+
+
+def test_predict_options_normalisation(tmp_path):
+    import ghn_onnx
+    from ghn_onnx.pipeline import PredictOptions
+
+    np.save(tmp_path / "u8.npy", np.random.default_rng(2).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    src = FRAMEWORKS / "torch_cnn.onnx"
+    ghn = ghn_onnx.load_ghn()
+    raw = ghn_onnx.predict(src, ghn, calibrate=tmp_path / "u8.npy", calibration_images=8, no_normalize=True)
+    plain = ghn_onnx.predict(src, ghn)
+    x = load_calibration_data(tmp_path / "u8.npy", (3, 16, 16), 8, normalize=False)
+    expected = calibrate_bn(plain.model, [x], graph=plain.graph)
+    for t in (t for t in expected.graph.initializer if "running" in t.name):
+        np.testing.assert_allclose(stats(raw.model, t.name), numpy_helper.to_array(t), rtol=1e-5)
+    assert PredictOptions(mean=0.5, std=[0.2, 0.3, 0.4]).mean == (0.5,)
+    with pytest.raises(GhnOnnxError, match="without mean and std"):
+        PredictOptions(no_normalize=True, mean=(0.5,))
+
+
+@pytest.mark.parametrize("args, message", [(["--mean", "a,b"], "--mean: expected comma-separated numbers"),
+                                           (["--no-normalize", "--std", "0.2"], "without --mean and --std")])
+def test_normalisation_flag_errors(args, message, tmp_path):
+    from ghn_onnx.cli import main
+
+    res = CliRunner().invoke(main, ["calibrate", str(FRAMEWORKS / "torch_cnn.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                    "--data", str(tmp_path), *args])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output

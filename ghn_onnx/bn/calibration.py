@@ -15,23 +15,24 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ghn_onnx.bn.batch_stats import batch_stats_model
-from ghn_onnx.bn.images import (CIFAR10_MEAN, CIFAR10_STD, calibration_batches, data_input, iter_batches,
-                                load_calibration_data)
+from ghn_onnx.bn.images import (CIFAR10_MEAN, CIFAR10_STD, CalibrationSet, InputSpec, calibration_batches,
+                                calibration_set, data_input, input_spec, iter_batches, load_calibration_data)
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph.graph import Graph, reachable
 from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.storage import (alias_source, cast_to_stored, consumer_counts, is_batch_norm, np_dtype,
                               set_tensor_values, stored_tensors, topological_nodes, unique_name)
 
-__all__ = ["calibrate_bn", "batch_stats_model", "calibration_batches", "load_calibration_data", "iter_batches",
-           "data_input", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["calibrate_bn", "calibration_targets", "batch_stats_model", "calibration_set", "calibration_batches",
+           "CalibrationSet", "load_calibration_data", "iter_batches", "data_input", "input_spec", "InputSpec",
+           "CIFAR10_MEAN", "CIFAR10_STD"]
 
 Batch = np.ndarray | Mapping[str, np.ndarray]
 
@@ -119,6 +120,9 @@ def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Gra
         for bn, m in zip(group, moments):
             for name, value in zip((bn.mean, bn.var), m.result()):
                 t = stored[name]
+                if value.size != np.prod(t.dims, dtype=np.int64):
+                    raise GhnOnnxError(f"BatchNormalization input {bn.x!r} has {value.size} channels, its running "
+                                       f"statistics {int(np.prod(t.dims, dtype=np.int64))}")
                 value = value.reshape(tuple(int(d) for d in t.dims))
                 set_tensor_values(t, cast_to_stored(value, t.data_type, f"BN statistics {name!r}"))
     return out
@@ -143,10 +147,20 @@ def _measure(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.
     computed = [n for n in names if n not in feeds[0]]  # a BN right on a graph input needs no run
     session = _session(_prune(model, computed)) if computed else None
     for feed in feeds:
-        values = dict(zip(computed, session.run(computed, feed))) if session else {}
+        values = dict(zip(computed, _run(session, computed, feed))) if session else {}
         for name, m in zip(names, moments):
             m.update(feed[name] if name in feed else values[name])
     return moments
+
+
+def _run(session, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # onnxruntime raises its own exception types, with multi-line messages
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feed.items())
+        detail = " ".join(str(exc).split())
+        raise GhnOnnxError(f"onnxruntime cannot run the model on the calibration batch ({shapes}): "
+                           f"{detail[:300]}") from None
 
 
 def _own_statistics(model: onnx.ModelProto, graph: Graph | None) -> tuple[onnx.ModelProto, list[_Bn]]:
@@ -160,24 +174,14 @@ def _own_statistics(model: onnx.ModelProto, graph: Graph | None) -> tuple[onnx.M
     uses = consumer_counts(out)
     protected = {i.name for i in g.input} | {o.name for o in g.output}
     producer = {o: n for n in nodes for o in n.output if o}
-    wanted = None
-    if graph is not None:
-        wanted = {p.tensor for n in graph.nodes if n.primitive is Primitive.BN for p in n.params
-                  if p.role == "scale"}
     taken: set[str] = set()
     names = {t for n in nodes for t in list(n.input) + list(n.output)} | set(stored)
     drop: set[str] = set()  # outputs of alias nodes to remove (names are unique; ids may not be)
     new_inits: list[onnx.TensorProto] = []
     bns: list[_Bn] = []
     levels = _bn_levels(nodes)
-    for node in nodes:
-        if not is_batch_norm(node) or len(node.input) < 5:
-            continue
-        if wanted is not None and alias_source(node.input[1], stored, producer) not in wanted:
-            continue
+    for node in _targets(nodes, stored, producer, graph):
         values = [_static_value(node.input[k], stored, producer) for k in (3, 4)]
-        if any(v is None for v in values):
-            continue  # statistics computed at run time: nothing stored to calibrate
         owned = []
         for k, value in zip((3, 4), values):
             name = node.input[k]
@@ -202,6 +206,34 @@ def _own_statistics(model: onnx.ModelProto, graph: Graph | None) -> tuple[onnx.M
         g.node.extend(keep)
     g.initializer.extend(new_inits)
     return out, bns
+
+
+def calibration_targets(model: onnx.ModelProto, graph: Graph | None = None) -> list[str]:
+    """The BatchNormalization nodes :func:`calibrate_bn` would calibrate (their names, or first
+    outputs): those with stored running statistics, restricted to ``graph``'s BN nodes when
+    given. Empty for a model with nothing to calibrate; cheap (no copy, no run)."""
+    g = model.graph
+    nodes = list(g.node)
+    producer = {o: n for n in nodes for o in n.output if o}
+    return [n.name or n.output[0] for n in _targets(nodes, stored_tensors(model), producer, graph)]
+
+
+def _targets(nodes: list[onnx.NodeProto], stored: dict, producer: dict,
+             graph: Graph | None) -> Iterator[onnx.NodeProto]:
+    """The BNs to calibrate, in ``nodes`` order: statistics stored (behind Identity / Cast at
+    most; statistics computed at run time leave nothing to calibrate), and scale predicted as a
+    ``bn`` node of ``graph`` when one is given."""
+    wanted = None
+    if graph is not None:
+        wanted = {p.tensor for n in graph.nodes if n.primitive is Primitive.BN for p in n.params
+                  if p.role == "scale"}
+    for node in nodes:
+        if not is_batch_norm(node) or len(node.input) < 5:
+            continue
+        if wanted is not None and alias_source(node.input[1], stored, producer) not in wanted:
+            continue
+        if all(alias_source(node.input[k], stored, producer) is not None for k in (3, 4)):
+            yield node
 
 
 def _bn_levels(nodes: list[onnx.NodeProto]) -> dict[int, int]:
