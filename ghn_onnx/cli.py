@@ -241,27 +241,30 @@ def calibrate(model, output, data, images, batch_size, seed, mean, std, no_norma
 @click.argument("source", metavar="REFERENCE", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output .safetensors checkpoint.")
-@click.option("--num-classes", type=int, default=None, help="Classes (default 10; .pt files carry their own).")
-@click.option("--spatial", type=int, default=None, help="s of max_shape (64, 64, s, s): 11 CIFAR-10, 16 ImageNet.")
-@click.option("--hid", type=int, default=None, help="Node state size (default 32).")
+@click.option("--num-classes", type=int, default=None, help="Classes (default: read off the weights).")
+@click.option("--spatial", type=int, default=None,
+              help="s of max_shape (64, 64, s, s): 11 CIFAR-10, 16 ImageNet (default: read off the weights).")
+@click.option("--hid", type=int, default=None, help="Node state size (default: read off the weights).")
 def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
-    """Convert a reference GHN-2 state dict (ppuda key names: .npz arrays, or a ppuda .pt training
-    checkpoint read without executing code) to a ghn-onnx checkpoint.
+    """Convert a reference GHN-2 or GHN-3 state dict (ppuda / ghn3 key names: .npz arrays, a .pt
+    training checkpoint, or ghn3's released pickle of a bare state dict, each read without
+    executing code) to a ghn-onnx checkpoint.
 
-    For .npz the configuration is the GHN-2 CIFAR-10 one unless given; nothing is guessed from
-    key names, and every key and shape is checked against the configuration."""
-    from ghn_onnx.ghn import GHNConfig, checkpoint
+    Reference files carry no configuration to trust, so it is read off the tensors' names and
+    shapes (GHN-2 or GHN-3, CIFAR-10 or ImageNet, GHN-3's T/S/L/XL; weight normalisation assumed
+    on); the options override it, and every key and shape is then checked against it."""
+    from ghn_onnx.ghn import checkpoint, reference_formats
 
     given = {k: v for k, v in (("num_classes", num_classes), ("hid", hid)) if v is not None}
     if spatial is not None:
         given["max_shape"] = (64, 64, spatial, spatial)
     try:
-        config = GHNConfig(**given) if (given or source.suffix == ".npz") else None
-        ghn = checkpoint.load_reference(source, config)
+        ghn, found = reference_formats.load(source, given)
         checkpoint.save(ghn, output, extra={"converted_from": source.name})
     except GhnOnnxError as exc:
         raise InputError(str(exc)) from None
-    click.echo(f"wrote {output} ({sum(p.numel() for p in ghn.parameters()):,} parameters, {ghn.config})")
+    click.echo(f"wrote {output} ({found.describe()}, {sum(p.numel() for p in ghn.parameters()):,} parameters, "
+               f"{ghn.config})")
 
 
 # -- train ---------------------------------------------------------------------------------------

@@ -207,10 +207,11 @@ def _options(options: PredictOptions | None, overrides: dict) -> PredictOptions:
 
 # -- prediction ----------------------------------------------------------------------------------
 
-def prepare(model: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, Graph]:
-    """Untie exporter aliases and convert: the model the predictions are written into, and its graph."""
+def prepare(model: onnx.ModelProto, name: str, rules: str = "ghn2") -> tuple[onnx.ModelProto, Graph]:
+    """Untie exporter aliases and convert with the rule set ``rules`` (the GHN configuration's):
+    the model the predictions are written into, and its graph."""
     model, _ = untie_aliases(model)
-    return model, convert(model, name=name)
+    return model, convert(model, name=name, rules=rules)
 
 
 def bn_status(graph: Graph) -> str:
@@ -268,7 +269,7 @@ def predict_unfolded(model: onnx.ModelProto, graph: Graph, ghn: GHN, batches: It
 def _predict_batch(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[str], options: PredictOptions,
                    metadata: Mapping[str, str]) -> list[Prediction]:
     """Every model predicted, BN statistics not calibrated yet (see :func:`_calibrate`)."""
-    prepared = [prepare(m, n) for m, n in zip(models, names)]
+    prepared = [prepare(m, n, ghn.config.rules) for m, n in zip(models, names)]
     folded = [options.unfold_bn and is_bn_folded(m, g) for m, g in prepared]
     params = iter(predict_graphs(ghn, [g for (_, g), f in zip(prepared, folded) if not f], options.reference))
     results = []

@@ -154,7 +154,7 @@ def test_shipped_checkpoint_has_the_legacy_keys_and_loads():
         config = json.loads(f.metadata()["config"])
     assert config["hypernet"] == "gatedgnn" and config["decoder"] == "conv"
     assert ghn_onnx.load_ghn().config == GHNConfig.from_dict(config) == GHNConfig()
-    assert "hypernet" not in GHNConfig().to_json()
+    assert json.loads(GHNConfig().to_json())["hypernet"] == "gatedgnn"  # a field again (GHN-3's transformer)
 
 
 def test_run_folder_checkpoint_with_legacy_keys_loads_and_resaves(tmp_path):
@@ -165,7 +165,7 @@ def test_run_folder_checkpoint_with_legacy_keys_loads_and_resaves(tmp_path):
     assert checkpoint.load(run / "again.safetensors").config == ghn.config == GHNConfig()
 
 
-@pytest.mark.parametrize("legacy, message", [({"hypernet": "mlp"}, "'hypernet': only 'gatedgnn'"),
+@pytest.mark.parametrize("legacy, message", [({"hypernet": "mlp"}, "hypernet: expected one of gatedgnn, transformer"),
                                              ({"decoder": "mlp"}, "'decoder': only 'conv'")])
 def test_other_legacy_values_are_refused(tmp_path, legacy, message):
     with pytest.raises(CheckpointError, match=message):

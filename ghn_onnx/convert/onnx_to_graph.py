@@ -24,7 +24,7 @@ import onnx
 
 from ghn_onnx.convert.context import ConversionContext
 from ghn_onnx.onnx_io.loading import check_supported, load_model
-from ghn_onnx.convert.rules import RULES, Emission
+from ghn_onnx.convert.rules import RULES, Emission, rule_set
 from ghn_onnx.errors import UnsupportedModelError
 from ghn_onnx.graph.graph import Graph, Node, reachable, topological_order
 from ghn_onnx.onnx_io.storage import topological_nodes
@@ -38,18 +38,21 @@ NON_PARAMETER_INPUT_OPS = frozenset({
 })
 
 
-def convert_file(path: str | os.PathLike) -> Graph:
+def convert_file(path: str | os.PathLike, rules: str = "ghn2") -> Graph:
     """Read an ONNX file and convert it; see :func:`convert`."""
     model = load_model(path)
-    return convert(model, name=Path(path).name)
+    return convert(model, name=Path(path).name, rules=rules)
 
 
-def convert(model: onnx.ModelProto, name: str = "model") -> Graph:
-    """Build the GHN graph of ``model``.
+def convert(model: onnx.ModelProto, name: str = "model", rules: str = "ghn2") -> Graph:
+    """Build the GHN graph of ``model``, read with the rule set ``rules``
+    (:data:`~ghn_onnx.convert.rules.RULE_SETS`: ``"ghn2"`` or ``"ghn3"``, the GHN
+    configuration's ``rules``).
 
     Raises:
         UnsupportedModelError: quantized weights, control flow, or no parametrised layer at all.
     """
+    reading = rule_set(rules)
     check_supported(model, name)
     ctx = ConversionContext(model)
     t = ctx.tensors
@@ -94,7 +97,7 @@ def convert(model: onnx.ModelProto, name: str = "model") -> Graph:
                     frontier[(o, j)] = out
 
     sinks = sorted({i for o in t.outputs for j in range(copies.get(o, 1)) for i in frontier.get((o, j), [])})
-    graph = _finish(graph_nodes, edges, sinks, name)
+    graph = reading.apply(_finish(graph_nodes, edges, sinks, name))
     graph.unsupported = _unsupported(nodes, t, claimed)
     graph.warnings.extend(_warnings(graph, model))
     if not any(n.params for n in graph.nodes):

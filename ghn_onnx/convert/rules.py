@@ -5,6 +5,10 @@ Each rule is a small function registered for the op types it reads. It looks at 
 and returns an :class:`Emission`: the GHN nodes that stand for it. Returning ``None`` means
 "no primitive": the node is dropped and edges are rewired through it (activations, reshapes,
 casts, dropout, ...). Which ops are read at all is visible in :data:`RULES`.
+
+Where GHN-2 and GHN-3 read a network differently, the difference is a named :class:`RuleSet`
+(:data:`RULE_SETS`, chosen by the GHN configuration's ``rules``): graph rewrites applied to the
+converted graph, each a small class with ``match`` and ``rewrite``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import onnx
 
 from ghn_onnx.convert.context import einsum_weight
 from ghn_onnx.convert.tensors import get_attr
-from ghn_onnx.graph.graph import LayoutStep, Node
+from ghn_onnx.graph.graph import Graph, LayoutStep, Node, ParamRef
 from ghn_onnx.graph.primitives import Primitive
 
 
@@ -317,3 +321,107 @@ def attention(node, ctx) -> Emission:
     decomposed ``softmax(q k^T) @ v`` is read at its product (see ``matmul``)."""
     return _shape_free(node, ctx, Primitive.MSA)
 
+
+
+# -- rule sets: GHN-2's and GHN-3's readings -----------------------------------------------------
+
+class GraphRewrite:
+    """A rewrite of a converted graph: :meth:`match` finds where it applies (or None),
+    :meth:`rewrite` returns the new graph."""
+
+    name: str = ""
+
+    def match(self, graph: Graph) -> object | None:
+        raise NotImplementedError
+
+    def rewrite(self, graph: Graph, found: object) -> Graph:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _ConvHead:
+    conv: int  # the classifier conv's node
+    pool: int  # the global pooling after it (a sink)
+
+
+class PoolBeforeConvClassifier(GraphRewrite):
+    """GHN-3 reads a network whose classifier is a 1×1 conv followed by the global pooling
+    (SqueezeNet: ``... → conv (C, K, 1, 1) → [bias] → glob_avg``) as pooling then a linear
+    classifier: ``... → glob_avg → conv (C, K) → [bias]``, the weight recorded as 2-D (its stored
+    4-D form comes back on writing), so it is decoded as the classifier."""
+
+    name = "pool-before-conv-classifier"
+
+    def match(self, graph: Graph) -> _ConvHead | None:
+        preds: dict[int, list[int]] = {}
+        succs: dict[int, list[int]] = {}
+        for s, d in graph.edges.tolist():
+            preds.setdefault(d, []).append(s)
+            succs.setdefault(s, []).append(d)
+        pools = [i for i, n in enumerate(graph.nodes) if n.primitive is Primitive.GLOB_AVG and not succs.get(i)]
+        if len(pools) != 1 or len(preds.get(pools[0], [])) != 1:
+            return None
+        pool = pools[0]
+        conv = preds[pool][0]
+        if graph.nodes[conv].primitive is Primitive.BIAS:
+            if len(succs[conv]) != 1 or len(preds.get(conv, [])) != 1:
+                return None
+            conv = preds[conv][0]
+        node = graph.nodes[conv]
+        if (node.primitive is not Primitive.CONV or node.shape is None or len(node.shape) != 4
+                or tuple(node.shape[2:]) != (1, 1) or len(succs[conv]) != 1 or len(node.params) != 1):
+            return None
+        return _ConvHead(conv, pool)
+
+    def rewrite(self, graph: Graph, found: _ConvHead) -> Graph:
+        conv, pool = found.conv, found.pool
+        node = graph.nodes[conv]
+        w = node.params[0]
+        out, inp = node.shape[:2]
+        flat = ParamRef(w.tensor, w.role, w.stored_shape, w.dtype,
+                        w.layout.then(LayoutStep("reshape", (tuple(w.canonical_shape), (out, inp)))))
+        nodes = list(graph.nodes)
+        nodes[conv] = Node(node.primitive, node.name, (out, inp), (flat,), node.groups)
+        # the pooling takes the conv's place in the order and its inputs; the conv follows it
+        order = [i for i in range(len(nodes)) if i != pool]
+        order.insert(order.index(conv), pool)
+        rank = {old: new for new, old in enumerate(order)}
+        edges = []
+        for s, d in graph.edges.tolist():
+            if d == pool:
+                continue  # bias (or conv) → pool: the pooling no longer ends the graph
+            edges.append((rank[s], rank[pool] if d == conv else rank[d]))
+        edges.append((rank[pool], rank[conv]))
+        return Graph([nodes[i] for i in order], sorted(set(edges)), name=graph.name, warnings=list(graph.warnings),
+                     unsupported=dict(graph.unsupported), info=dict(graph.info))
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A named reading of networks: the graph rewrites applied, in order, after conversion."""
+
+    name: str
+    rewrites: tuple[GraphRewrite, ...] = ()
+
+    def apply(self, graph: Graph) -> Graph:
+        for rewrite in self.rewrites:
+            found = rewrite.match(graph)
+            if found is not None:
+                graph = rewrite.rewrite(graph, found)
+        return graph
+
+
+#: Every rule set by name (the GHN configuration's ``rules``). GHN-3 reads softmax attention
+#: (msa), squeeze-excitation gates (cse, their squeeze dropped) and ViT positional embeddings as
+#: the op rules above already do; it differs in the classifier of SqueezeNet-like heads.
+RULE_SETS: dict[str, RuleSet] = {
+    "ghn2": RuleSet("ghn2"),
+    "ghn3": RuleSet("ghn3", (PoolBeforeConvClassifier(),)),
+}
+
+
+def rule_set(name: str) -> RuleSet:
+    """The rule set called ``name``; unknown names raise."""
+    if name not in RULE_SETS:
+        raise ValueError(f"Expected a rule set, one of {sorted(RULE_SETS)} (got {name!r})")
+    return RULE_SETS[name]

@@ -1,8 +1,11 @@
-"""GHN-2: graph in, every parameter out.
+"""GHN-2 and GHN-3: graph in, every parameter out.
 
-``h0 = embed[primitive] + shape_enc(shape)`` → :class:`GatedGNN` (forward + backward sweep) →
-LayerNorm → decoders → tile to the target shape → normalise. Module names follow the
-reference's state-dict keys (GHN2_FACTS §9) so its checkpoints load without renaming.
+``h0 = embed[primitive] + shape_enc(shape)`` → the configuration's hypernetwork
+(:data:`HYPERNETS`: GHN-2's :class:`GatedGNN`, forward + backward sweep; GHN-3's
+:class:`GraphTransformer`) → LayerNorm → decoders → tile to the target shape → normalise, with
+the decoding rules the configuration names (:data:`~ghn_onnx.ghn.decode.rules.DECODE_RULES`).
+Module names follow the reference's state-dict keys (GHN2_FACTS §9) so its checkpoints load
+without renaming.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from ghn_onnx.ghn.hypernet import engines
 from ghn_onnx.ghn.config import GHNConfig
 from ghn_onnx.ghn.decode.decoder import ConvDecoder, Decoder1D
 from ghn_onnx.ghn.decode.flat import TAPS_PER_CHUNK
+from ghn_onnx.ghn.hypernet import transformer
 from ghn_onnx.ghn.hypernet.gatedgnn import GatedGNN
-from ghn_onnx.ghn.decode.parameters import normalize_weight, tile, weight_scale
-from ghn_onnx.ghn.decode.rules import (BIAS_CLASS, ROW_NORMALIZERS, DecodeSpec, WeightBlock, classifier_nodes,
-                                       is_weight, vector_row, weight_block, weight_normalized, whole_block)
+from ghn_onnx.ghn.hypernet.transformer import GraphTransformer
+from ghn_onnx.ghn.decode.parameters import (interpolate_taps, normalize_weight, tile, tokens_with_class_token,
+                                            weight_scale)
+from ghn_onnx.ghn.decode.rules import (BIAS_CLASS, ROW_NORMALIZERS, DecodeSpec, WeightBlock, as_tokens,
+                                       classifier_nodes, interpolated, is_weight, vector_row, weight_block,
+                                       weight_normalized, whole_block)
 from ghn_onnx.ghn.shape_encoder import ShapeEncoder
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
@@ -65,6 +72,24 @@ def node_inputs(batch: GraphBatch, device: torch.device, vocabulary: _Vocabulary
                       torch.as_tensor(shape_rows, device=device))
 
 
+@dataclass(frozen=True)
+class Hypernet:
+    """A message-passing network the GHN can run: how to build it from the configuration, and
+    the rule that picks the engine running it (``select(device, grad, hid, sequential)``, as
+    :func:`ghn_onnx.ghn.hypernet.engines.select`; an engine has ``run(gnn, h, batch)`` and
+    ``prepare(batch, device)``)."""
+
+    build: Callable[[GHNConfig], nn.Module]
+    select: Callable
+
+
+#: The configuration's ``hypernet`` → the network (the names of ``GHNConfig``'s choices).
+HYPERNETS: dict[str, Hypernet] = {
+    "gatedgnn": Hypernet(lambda c: GatedGNN(c.hid, ve=c.ve), engines.select),
+    "transformer": Hypernet(lambda c: GraphTransformer(c.hid, c.layers, c.heads), transformer.select),
+}
+
+
 class GHN(nn.Module):
     def __init__(self, config: GHNConfig = GHNConfig()) -> None:
         super().__init__()
@@ -72,11 +97,16 @@ class GHN(nn.Module):
         hid, (out_ch, _, s, _) = config.hid, config.max_shape
         self.embed = nn.Embedding(len(Primitive), hid)
         self.shape_enc = ShapeEncoder(hid, config.num_classes, s)
-        self.gnn = GatedGNN(hid, ve=config.ve)
+        self.gnn = self.hypernet.build(config)
         self.ln = nn.LayerNorm(hid) if config.layernorm else None
         self.decoder = ConvDecoder(hid, config.max_shape, config.num_classes)
         self.decoder_1d = Decoder1D(hid, out_ch)
         self.bias_class = nn.Sequential(nn.ReLU(), nn.Linear(out_ch, config.num_classes))
+
+    @property
+    def hypernet(self) -> Hypernet:
+        """The configuration's message-passing network (:data:`HYPERNETS`)."""
+        return HYPERNETS[self.config.hypernet]
 
     def batch(self, graphs: list[Graph]) -> GraphBatch:
         """The graphs as one :class:`GraphBatch`, with what a no-autograd forward derives from
@@ -88,17 +118,18 @@ class GHN(nn.Module):
         self._node_inputs(batch)
         if not torch.is_grad_enabled() and stores.for_device(device) is not None:  # training never uses it
             flat_decode.decode_plan(batch, self.decode_spec, device)
-        engines.select(device, torch.is_grad_enabled(), self.config.hid).prepare(batch, device)
+        self.hypernet.select(device, torch.is_grad_enabled(), self.config.hid).prepare(batch, device)
         return batch
 
     def node_states(self, batch: GraphBatch, sequential: bool = False) -> torch.Tensor:
         """Final node states ``(N, hid)`` for every node of the batch.
 
-        The engine is :func:`ghn_onnx.ghn.hypernet.engines.select`'s: ``sequential`` runs the
-        reference loop; otherwise, without autograd, the numba loop on CPU or the Triton kernel on
-        CUDA; otherwise (autograd) the level-by-level PyTorch sweep."""
+        The engine is the hypernetwork's ``select``; for the gated GNN
+        :func:`ghn_onnx.ghn.hypernet.engines.select`'s: ``sequential`` runs the reference loop;
+        otherwise, without autograd, the numba loop on CPU or the Triton kernel on CUDA; otherwise
+        (autograd) the level-by-level PyTorch sweep. The transformer has one (dense) engine."""
         h = self.initial_states(batch)
-        engine = engines.select(h.device, torch.is_grad_enabled(), self.config.hid, sequential)
+        engine = self.hypernet.select(h.device, torch.is_grad_enabled(), self.config.hid, sequential)
         h = engine.run(self.gnn, h, batch)
         return self.ln(h) if self.ln is not None else h
 
@@ -225,8 +256,12 @@ class GHN(nn.Module):
             for start in range(0, len(targets), chunk):
                 part = targets[start:start + chunk]
                 idx = torch.as_tensor([t.node for t in part], device=h.device)
-                # The reference computes the whole s×s template; the fast path only its kh×kw taps.
-                template = self.decoder.template(h[idx], None if reference else (kh, kw))
+                # The reference computes the whole s×s template and crops the window; the fast
+                # path only the window's kh×kw taps.
+                if reference:
+                    template = self.decoder.template(h[idx])[:, :, key.y0:key.y0 + kh, key.x0:key.x0 + kw]
+                else:
+                    template = self.decoder.template(h[idx], (kh, kw), (key.y0, key.x0))
                 blocks = self.decoder.blocks(template, kh, kw, key.rows, key.cols)
                 if key.is_cls:
                     blocks = self.decoder.classifier(blocks)  # (n, classes, in)
@@ -234,7 +269,7 @@ class GHN(nn.Module):
                     node = batch.graphs[t.graph].nodes[t.local]
                     p = node.params[0]
                     target = p.canonical_shape
-                    w = block if key.is_cls else _as_rank(block, len(target))
+                    w = block if key.is_cls else _shaped(spec, node, block, len(target))
                     normalize = weight_normalized(spec, node)
                     if reference:
                         w = tile(w, target)
@@ -265,6 +300,17 @@ class GHN(nn.Module):
                 else:
                     v = tile(norm(v[: p.canonical_shape[0]]) if wn else v, p.canonical_shape)
                 out[t.graph][p.tensor] = v
+
+
+def _shaped(spec: DecodeSpec, node, block: torch.Tensor, rank: int) -> torch.Tensor:
+    """A decoded ``(o, i, kh', kw')`` block as what tiling reads for a target of ``rank``: GHN-3's
+    token sequence (:func:`~ghn_onnx.ghn.decode.rules.as_tokens`), its resized large kernels
+    (:func:`~ghn_onnx.ghn.decode.rules.interpolated`), else the block at the target's rank."""
+    if as_tokens(spec, node):
+        return tokens_with_class_token(block)
+    if interpolated(spec, node):
+        block = interpolate_taps(block, *node.shape4d[2:])
+    return _as_rank(block, rank)
 
 
 def _as_rank(block: torch.Tensor, rank: int) -> torch.Tensor:

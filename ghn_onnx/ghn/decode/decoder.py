@@ -1,8 +1,10 @@
 """Decoders from node states to parameter blocks (GHN2_FACTS §4.1, §4.3, §4.4).
 
 * :class:`ConvDecoder`: ``hid → (4·hid, s, s)`` spatial template, then a pointwise channel MLP
-  ``4·hid → 8·hid → out·in`` shared by every kernel tap: a ``(out, in, kh, kw)`` block from the
-  top-left ``kh × kw`` taps. The classifier head maps the 64 "out" rows to ``num_classes``.
+  ``4·hid → 8·hid → out·in`` shared by every kernel tap: a ``(out, in, kh, kw)`` block from a
+  ``kh × kw`` window of taps (GHN-2: the top-left; GHN-3: the centre). The classifier head maps
+  the 64 "out" rows to ``num_classes``. (GHN-3 stores the 1×1 convs as ``Linear`` weights, the
+  same numbers: :mod:`~ghn_onnx.ghn.reference_formats` reshapes them on loading.)
 * :class:`Decoder1D`: ``hid → 2·hid → 2·out``, viewed ``(2, out)``: row 0 a norm's scale, row 1
   a bias.
 
@@ -35,13 +37,15 @@ class ConvDecoder(nn.Module):
         self._kept: dict[tuple, tuple] = {}  # what kept() selected, with the parameters' stamp
 
     # -- selections (differentiable) ---------------------------------------------------------
-    def tap_rows(self, kh: int, kw: int, tap_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def tap_rows(self, kh: int, kw: int, tap_major: bool = False, y0: int = 0,
+                 x0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The template layer's weight ``(4·hid·kh·kw, hid)`` and bias rows that produce the
-        top-left ``kh × kw`` taps of the ``s × s`` template, ordered (channel, y, x), or
-        (y, x, channel) with ``tap_major`` (then a product's output is ``(n·taps, channels)``)."""
+        ``kh × kw`` taps from ``(y0, x0)`` of the ``s × s`` template (default the top-left),
+        ordered (channel, y, x), or (y, x, channel) with ``tap_major`` (then a product's output
+        is ``(n·taps, channels)``)."""
         lin, ch, s = self.fc[0], self.template_ch, self.s
-        w = lin.weight.view(ch, s, s, -1)[:, :kh, :kw]
-        b = lin.bias.view(ch, s, s)[:, :kh, :kw]
+        w = lin.weight.view(ch, s, s, -1)[:, y0:y0 + kh, x0:x0 + kw]
+        b = lin.bias.view(ch, s, s)[:, y0:y0 + kh, x0:x0 + kw]
         if tap_major:
             w, b = w.permute(1, 2, 0, 3), b.permute(1, 2, 0)
         return w.reshape(-1, lin.in_features), b.reshape(-1)
@@ -70,13 +74,15 @@ class ConvDecoder(nn.Module):
         return value
 
     # -- layers ------------------------------------------------------------------------------
-    def template(self, x: torch.Tensor, taps: tuple[int, int] | None = None) -> torch.Tensor:
-        """``(n, hid)`` → ``(n, 4·hid, s, s)``, or only its top-left ``taps = (kh, kw)``:
-        ``(n, 4·hid, kh, kw)``, computed from just those output rows of the linear layer."""
+    def template(self, x: torch.Tensor, taps: tuple[int, int] | None = None,
+                 origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """``(n, hid)`` → ``(n, 4·hid, s, s)``, or only its ``taps = (kh, kw)`` from ``origin``
+        (default the top-left): ``(n, 4·hid, kh, kw)``, computed from just those output rows of
+        the linear layer."""
         if taps is None or taps == (self.s, self.s):
             return self.fc(x).view(len(x), self.template_ch, self.s, self.s)
         kh, kw = taps
-        w, b = self.tap_rows(kh, kw)
+        w, b = self.tap_rows(kh, kw, False, *origin)
         return torch.relu(F.linear(x, w, b)).view(len(x), self.template_ch, kh, kw)
 
     def hidden_rows(self, taps: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ Same values as the per-tensor path, in three stages:
     y \bmod P_2,\ x \bmod P_3], \qquad P_d = \min(B_d, T_d),
 
 which is :func:`~ghn_onnx.ghn.decode.parameters.tile` (slice to the target, repeat the whole block, chop;
-spatial taps from the top-left), and ``f_t`` the weight normalisation ``weight_scale(target)``
+spatial taps from the window :func:`~ghn_onnx.ghn.decode.rules.decoded_taps` names), and ``f_t`` the
+weight normalisation ``weight_scale(target)``
 (1 for positional encodings, 1-D tensors, and without ``weight_norm``). The stores of
 :mod:`~ghn_onnx.ghn.decode.stores` implement it: the numba loop of
 :mod:`~ghn_onnx.ghn.decode.numba_store` on CPU and the Triton kernel of
@@ -43,10 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghn_onnx.ghn.decode.decoder import ConvDecoder
-from ghn_onnx.ghn.decode.parameters import tile_periods, weight_scale
+from ghn_onnx.ghn.decode.parameters import interpolate_taps, tile_periods, tokens_with_class_token, weight_scale
 from ghn_onnx.ghn.decode.rules import (BIAS_CLASS, BIAS_ROW, DECODER_1D, ROW_NORMALIZERS, SCALE_ROW, DecodeSpec,
-                                       VectorRow, WeightBlock, classifier_nodes, is_weight, vector_row,
-                                       weight_block, weight_normalized)
+                                       VectorRow, WeightBlock, as_tokens, classifier_nodes, interpolated, is_weight,
+                                       vector_row, weight_block, weight_normalized)
 from ghn_onnx.graph.batch import GraphBatch
 from ghn_onnx.graph.graph import Node
 
@@ -96,14 +97,37 @@ class WeightGroup:
 
 @dataclass(frozen=True)
 class TapPass:
-    """Nodes whose template and hidden layer are computed together (same ``kh × kw`` taps, at
-    most ``TAPS_PER_CHUNK`` taps in all), and the runs of them that belong to each group:
-    ``(group, first member, count, first row in the pass)``."""
+    """Nodes whose template and hidden layer are computed together (same ``kh × kw`` taps from
+    ``(y0, x0)``, at most ``TAPS_PER_CHUNK`` taps in all), and the runs of them that belong to
+    each group: ``(group, first member, count, first row in the pass)``."""
 
     kh: int
     kw: int
     nodes: torch.Tensor
     parts: tuple[tuple[WeightGroup, int, int, int], ...]
+    y0: int = 0
+    x0: int = 0
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    """A member block that GHN-3 reshapes before tiling (:func:`~ghn_onnx.ghn.decode.rules.as_tokens`,
+    :func:`~ghn_onnx.ghn.decode.rules.interpolated`), written at ``dst`` in the source buffer.
+
+    Attributes:
+        kind: ``"tokens"`` (``(1 + kh·kw, cols)``: a class token, then the block's taps) or
+            ``"interpolate"`` (``(rows, cols, KH, KW)``, resized bilinearly).
+        src: where the member's ``(kh, kw, rows, cols)`` block is.
+        block: ``(kh, kw, rows, cols)``.
+        size: ``(KH, KW)`` for ``"interpolate"``.
+        dst: where the reshaped block goes.
+    """
+
+    kind: str
+    src: int
+    block: tuple[int, int, int, int]
+    size: tuple[int, int]
+    dst: int
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,7 @@ class DecodePlan:
             ``cls_off``, ``(n_c, 2, num_classes)``).
         src_numel: elements of the fp32 source buffer.
         meta: the stores' per-tensor :class:`StoreMeta`.
+        reshaped: GHN-3's reshaped blocks (:class:`Reshaped`), after the ``bias_class`` rows.
     """
 
     spec: DecodeSpec
@@ -137,6 +162,7 @@ class DecodePlan:
     cls_off: int
     src_numel: int
     meta: StoreMeta
+    reshaped: tuple[Reshaped, ...] = ()
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def derived(self, key: tuple, build: Callable[[], T]) -> T:
@@ -170,6 +196,7 @@ def build_plan(batch: GraphBatch, device: torch.device, spec: DecodeSpec) -> Dec
     out_ch = spec.max_shape[0]
     index, entries, total = [], [], 0
     groups: dict[WeightBlock, list[int]] = {}  # block → member nodes
+    reshapes: list[tuple] = []  # (kind, block key, member, size, numel) per reshaped member
     vec_nodes, cls_vec = [], []
     for b, g in enumerate(batch.graphs):
         cls_w, cls_b = classifier_nodes(g)
@@ -178,7 +205,7 @@ def build_plan(batch: GraphBatch, device: torch.device, spec: DecodeSpec) -> Dec
                 continue
             node = int(batch.offsets[b]) + i
             if is_weight(n):
-                new = [_weight_entry(spec, n, node, i == cls_w, groups)]
+                new = [_weight_entry(spec, n, node, i == cls_w, groups, reshapes)]
             else:
                 if i == cls_b:
                     cls_vec.append(len(vec_nodes))
@@ -197,17 +224,23 @@ def build_plan(batch: GraphBatch, device: torch.device, spec: DecodeSpec) -> Dec
         offset += numel * len(members)
     vec_off = offset
     cls_off = vec_off + len(vec_nodes) * 2 * out_ch
+    reshaped_off = cls_off + len(cls_vec) * 2 * spec.num_classes
+    reshaped, dst = [], reshaped_off
+    for kind, key, member, size, numel in reshapes:
+        src = placed[key].src_off + member * placed[key].block_numel
+        reshaped.append(Reshaped(kind, src, (key.kh, key.kw, key.rows, key.cols), size, dst))
+        dst += numel
     starts = {DECODER_1D: lambda k, j: vec_off + (2 * k + j) * out_ch,
               BIAS_CLASS: lambda k, j: cls_off + (2 * k + j) * spec.num_classes,
-              "w": lambda key, j: placed[key].src_off + j * placed[key].block_numel}
+              "w": lambda key, j: placed[key].src_off + j * placed[key].block_numel,
+              "reshaped": lambda k: reshaped[k].dst}
     rows = [_tensor_meta(starts[e.source[0]](*e.source[1:]), e, off) for e, (_, _, off, _) in zip(entries, index)]
     return DecodePlan(
         spec=spec, device=device, index=index, total=total, groups=list(placed.values()),
         passes=_passes(list(placed.values()), device),
         vec_nodes=torch.as_tensor(vec_nodes, dtype=torch.int64, device=device), vec_off=vec_off,
         cls_vec=torch.as_tensor(cls_vec, dtype=torch.int64, device=device), cls_off=cls_off,
-        src_numel=cls_off + len(cls_vec) * 2 * spec.num_classes,
-        meta=_store_meta(rows, [e.scale for e in entries], device),
+        src_numel=dst, meta=_store_meta(rows, [e.scale for e in entries], device), reshaped=tuple(reshaped),
     )
 
 
@@ -218,25 +251,28 @@ def _passes(groups: list[WeightGroup], device: torch.device) -> list[TapPass]:
     nodes: list[list[torch.Tensor]] = []  # per pass, its runs of group members
     for g in groups:
         kh, kw = g.block.kh, g.block.kw
+        window = (kh, kw, g.block.y0, g.block.x0)
         taps = kh * kw
         first = 0
         while first < len(g.nodes):
             p = passes[-1] if passes else None
-            rows = sum(c for *_, c, _ in p[2]) if p is not None else 0
-            if p is None or p[:2] != (kh, kw) or (rows + 1) * taps > TAPS_PER_CHUNK:
-                p, rows = (kh, kw, []), 0
+            rows = sum(c for *_, c, _ in p[1]) if p is not None else 0
+            if p is None or p[0] != window or (rows + 1) * taps > TAPS_PER_CHUNK:
+                p, rows = (window, []), 0
                 passes.append(p)
                 nodes.append([])
             count = min(len(g.nodes) - first, max(1, TAPS_PER_CHUNK // taps - rows))
-            p[2].append((g, first, count, rows))
+            p[1].append((g, first, count, rows))
             nodes[-1].append(g.nodes[first:first + count])
             first += count
-    return [TapPass(kh, kw, torch.cat(runs).to(device), tuple(parts)) for (kh, kw, parts), runs in zip(passes, nodes)]
+    return [TapPass(kh, kw, torch.cat(runs).to(device), tuple(parts), y0, x0)
+            for ((kh, kw, y0, x0), parts), runs in zip(passes, nodes)]
 
 
-def _weight_entry(spec: DecodeSpec, n: Node, node: int, is_cls: bool, groups: dict) -> _Entry:
+def _weight_entry(spec: DecodeSpec, n: Node, node: int, is_cls: bool, groups: dict, reshapes: list) -> _Entry:
     """A conv / linear / positional-encoding weight (``params[0]``): its node joins the group of
-    its :func:`~ghn_onnx.ghn.decode.rules.weight_block`."""
+    its :func:`~ghn_onnx.ghn.decode.rules.weight_block`; a block GHN-3 reshapes is read from its
+    :class:`Reshaped` copy."""
     t = n.params[0].canonical_shape
     key = weight_block(spec, n, is_cls)
     members = groups.setdefault(key, [])
@@ -245,6 +281,16 @@ def _weight_entry(spec: DecodeSpec, n: Node, node: int, is_cls: bool, groups: di
     source = ("w", key, len(members) - 1)
     if is_cls:
         return _Entry(source, (spec.num_classes, key.cols), (key.cols, 1), t, scale)
+    if as_tokens(spec, n):  # (1, 1 + kh·kw, cols), token-major
+        tokens = 1 + key.kh * key.kw
+        reshapes.append(("tokens", key, len(members) - 1, (0, 0), tokens * key.cols))
+        return _Entry(("reshaped", len(reshapes) - 1), (1, tokens, key.cols), (0, key.cols, 1), t, scale)
+    if interpolated(spec, n):  # (rows, cols, KH, KW), contiguous
+        size = n.shape4d[2:]
+        reshapes.append(("interpolate", key, len(members) - 1, size, key.rows * key.cols * size[0] * size[1]))
+        block = (key.rows, key.cols, *size)
+        strides = (key.cols * size[0] * size[1], size[0] * size[1], size[1], 1)
+        return _Entry(("reshaped", len(reshapes) - 1), block, strides, t, scale)
     # stored (kh, kw, rows, cols): the layout of the matrix product, read as (o, i, y, x)
     block = (key.rows, key.cols, key.kh, key.kw)
     strides = (key.cols, 1, key.kw * key.rows * key.cols, key.rows * key.cols)
@@ -312,7 +358,7 @@ def decode_sources(h: torch.Tensor, plan: DecodePlan, decoder: ConvDecoder, deco
     ch = decoder.template_ch
     for p in plan.passes:
         taps = p.kh * p.kw
-        w_fc, b_fc = decoder.kept("tap_rows", p.kh, p.kw, True)
+        w_fc, b_fc = decoder.kept("tap_rows", p.kh, p.kw, True, p.y0, p.x0)
         template = F.relu(F.linear(h[p.nodes], w_fc, b_fc)).view(len(p.nodes) * taps, ch)
         hidden = decoder.hidden_rows(template)  # (n·taps, 8·hid)
         for g, start, n, row in p.parts:
@@ -334,7 +380,12 @@ def decode_sources(h: torch.Tensor, plan: DecodePlan, decoder: ConvDecoder, deco
                 cls_rows[:, BIAS_ROW] = ROW_NORMALIZERS[BIAS_ROW](cls_rows[:, BIAS_ROW])
         src[plan.vec_off:plan.cls_off].view_as(rows).copy_(rows)
         if cls_rows is not None:
-            src[plan.cls_off:].view_as(cls_rows).copy_(cls_rows)
+            src[plan.cls_off:][:cls_rows.numel()].view_as(cls_rows).copy_(cls_rows)
+    for r in plan.reshaped:
+        kh, kw, rows_, cols = r.block
+        block = src[r.src:r.src + kh * kw * rows_ * cols].view(kh, kw, rows_, cols).permute(2, 3, 0, 1)
+        out = tokens_with_class_token(block) if r.kind == "tokens" else interpolate_taps(block, *r.size)
+        src[r.dst:r.dst + out.numel()].view_as(out).copy_(out)
     return src
 
 

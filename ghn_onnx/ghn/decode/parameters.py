@@ -9,6 +9,10 @@ chop (channel order 0..63, 0..63, ...). Normalisation (GHN-2's ``-n``), on the t
   ``k×1, 1×k`` pair), else 2. Positional encodings (4-D, ``out == 1``, ``kh >= 11``) are not
   normalised.
 * 1-D: scales :math:`2\\sigma(p/2) \\in (0, 2)`; biases :math:`\\tanh(p/5) \\in (-1, 1)`.
+
+GHN-3's two reshapings of a decoded block (``ghn3-parity/README.md``), before tiling:
+:func:`interpolate_taps` (kernels larger than ``s``) and :func:`tokens_with_class_token` (ViT
+positional embeddings).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+#: Standard deviation of GHN-3's random class-token row.
+CLASS_TOKEN_STD = 0.02
 
 
 def tile_periods(block: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...]:
@@ -70,3 +78,22 @@ def normalize_scale(p: torch.Tensor) -> torch.Tensor:
 
 def normalize_bias(p: torch.Tensor) -> torch.Tensor:
     return torch.tanh(0.2 * p)
+
+
+def interpolate_taps(block: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """``(rows, cols, h, w)`` → ``(rows, cols, kh, kw)``, resized bilinearly (``align_corners``
+    off; an axis already of its size is unchanged)."""
+    if tuple(block.shape[2:]) == (kh, kw):
+        return block
+    return F.interpolate(block, size=(kh, kw), mode="bilinear", align_corners=False)
+
+
+def tokens_with_class_token(block: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A decoded ``(1, C, s, s)`` positional block as a ``(1, 1 + s², C)`` token sequence: token
+    ``1 + y·s + x`` is the block's ``(y, x)`` column, token 0 a class-token row drawn from
+    ``N(0, 0.02²)`` with PyTorch's generator (``generator``, else the default one), as GHN-3
+    draws it: it differs from call to call."""
+    _, c, kh, kw = block.shape
+    tokens = block[0].permute(1, 2, 0).reshape(1, kh * kw, c)
+    cls = torch.randn(1, 1, c, generator=generator, dtype=block.dtype, device=block.device) * CLASS_TOKEN_STD
+    return torch.cat([cls, tokens], dim=1)

@@ -1,17 +1,22 @@
-"""Which part of the decoders' output each predicted tensor reads (GHN2_FACTS §4.1-§4.4): the
+"""Which part of the decoders' output each predicted tensor reads (GHN2_FACTS §4.1-§4.4, §7): the
 one definition of each rule, used by the flat plan (:mod:`~ghn_onnx.ghn.decode.flat`) and by
 ``GHN.decode_tensors``.
 
 * :func:`classifier_nodes`: the nodes GHN-2 decodes with its class heads.
-* :func:`decoded_taps`: a ``kh × kw`` kernel reads the top-left ``min(kh, s) × min(kw, s)`` taps
-  of the ``s × s`` template (a larger kernel repeats them: that is tiling).
+* :func:`decoded_taps`: the window of the ``s × s`` template a ``kh × kw`` kernel reads:
+  ``min(kh, s) × min(kw, s)`` taps, from the top-left (GHN-2) or the centre (GHN-3).
 * :func:`weight_block`: the decode group of a weight: its taps, the top-left ``rows × cols``
   corner of the ``out × in`` channel block that tiling reads (all ``out`` rows for the
   classifier, whose head mixes them), classifier or not.
+* :func:`interpolated`, :func:`as_tokens`: GHN-3's kernels larger than ``s`` (bilinear, not
+  tiled) and its ViT positional embedding (tokens with a class token).
 * :func:`vector_row`: the 1-D decoder row a 1-D parameter takes: row 0 (:data:`SCALE_ROW`) of
   ``decoder_1d`` for a norm's scale, row 1 (:data:`BIAS_ROW`) for every bias, of ``bias_class``
   for the classifier's; :data:`ROW_NORMALIZERS` the normalisation of each row.
 * :func:`weight_normalized`: whether a weight gets GHN-2's weight normalisation.
+
+Where GHN-2 and GHN-3 differ, the rule is a field of a named :class:`DecodeRules`
+(:data:`DECODE_RULES`), chosen by the configuration's ``rules``; nothing else branches on it.
 """
 
 from __future__ import annotations
@@ -30,28 +35,66 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class DecodeRules:
+    """The decoding rules on which GHN-2 and GHN-3 differ (``ghn3-parity/README.md``, "Decoding").
+
+    Attributes:
+        name: the rule set's name in :data:`DECODE_RULES` (the configuration's ``rules``).
+        centre_taps: a kernel reads the centre of the template, rows and columns
+            ``[s/2 - ⌊k/2⌋, s/2 + ⌈k/2⌉)`` (GHN-3), instead of the top-left ``[0, k)`` (GHN-2).
+        interpolate_large: a kernel larger than ``s`` is the whole ``s × s`` block resized
+            bilinearly (GHN-3), instead of the block repeated by tiling (GHN-2).
+        token_embeddings: a ``(1, T, C)`` positional embedding is decoded as ``(1, C, s, s)``, read
+            as tokens in row-major order behind a random class token (GHN-3), instead of GHN-2's
+            ``(1, C, s)`` slice of that block.
+    """
+
+    name: str
+    centre_taps: bool
+    interpolate_large: bool
+    token_embeddings: bool
+
+
+#: Every decoding rule set by name (the configuration's ``rules`` chooses one).
+DECODE_RULES = {
+    "ghn2": DecodeRules("ghn2", centre_taps=False, interpolate_large=False, token_embeddings=False),
+    "ghn3": DecodeRules("ghn3", centre_taps=True, interpolate_large=True, token_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
 class DecodeSpec:
     """What decoding depends on in a GHN's configuration (hashable: it keys the decode plan)."""
 
     max_shape: tuple[int, int, int, int]  # the decoded block (out, in, s, s)
     num_classes: int  # rows of the classifier heads
     weight_norm: bool  # GHN-2's parameter normalisation
+    rules: str = "ghn2"  # the name of the DecodeRules
 
     @classmethod
     def of(cls, config: "GHNConfig") -> "DecodeSpec":
-        return cls(tuple(config.max_shape), config.num_classes, config.weight_norm)
+        return cls(tuple(config.max_shape), config.num_classes, config.weight_norm, config.rules)
+
+    @property
+    def rule_set(self) -> DecodeRules:
+        if self.rules not in DECODE_RULES:
+            raise ValueError(f"Expected decoding rules, one of {sorted(DECODE_RULES)} (got {self.rules!r})")
+        return DECODE_RULES[self.rules]
 
 
 @dataclass(frozen=True, order=True)
 class WeightBlock:
-    """The decode group of a weight (ordered as the tuple ``(kh, kw, rows, cols, is_cls)``):
-    its member blocks are ``(rows, cols, kh, kw)``, classifiers' ``(classes, cols)``."""
+    """The decode group of a weight (ordered as the tuple ``(kh, kw, rows, cols, is_cls, y0, x0)``):
+    its member blocks are ``(rows, cols, kh, kw)`` from the template taps ``[y0, y0 + kh) ×
+    [x0, x0 + kw)``, classifiers' ``(classes, cols)``."""
 
     kh: int
     kw: int
     rows: int
     cols: int
     is_cls: bool
+    y0: int = 0
+    x0: int = 0
 
 
 def classifier_nodes(graph: Graph) -> tuple[int | None, int | None]:
@@ -70,22 +113,44 @@ def is_weight(node: Node) -> bool:
     return node.primitive in WEIGHT_PRIMITIVES or node.primitive is Primitive.POS_ENC
 
 
-def decoded_taps(node: Node, s: int) -> tuple[int, int]:
-    """The template taps a weight reads: the top-left ``min(kh, s) × min(kw, s)`` of ``s × s``
-    (``kh, kw`` of the node's 4-D shape)."""
+def decoded_taps(node: Node, s: int, centre: bool = False) -> tuple[int, int, int, int]:
+    """The template window a weight reads, ``(kh', kw', y0, x0)``: ``kh' × kw' = min(kh, s) ×
+    min(kw, s)`` taps of the ``s × s`` template (``kh, kw`` of the node's 4-D shape), from the
+    top-left (``y0 = x0 = 0``) or, with ``centre``, from ``s/2 - ⌊k/2⌋`` (GHN-3: 1×1 reads tap
+    ``(s/2, s/2)``; a kernel of ``s`` or more the whole template)."""
     _, _, kh, kw = node.shape4d
-    return min(kh, s), min(kw, s)
+    kh, kw = min(kh, s), min(kw, s)
+    if not centre:
+        return kh, kw, 0, 0
+    return kh, kw, s // 2 - kh // 2 if kh < s else 0, s // 2 - kw // 2 if kw < s else 0
+
+
+def as_tokens(spec: DecodeSpec, node: Node) -> bool:
+    """A ``(1, T, C)`` positional embedding that GHN-3 decodes as tokens (:data:`DecodeRules`)."""
+    target = node.params[0].canonical_shape if node.params else ()
+    return spec.rule_set.token_embeddings and node.primitive is Primitive.POS_ENC and len(target) == 3
+
+
+def interpolated(spec: DecodeSpec, node: Node) -> bool:
+    """A kernel larger than ``s`` that GHN-3 resizes bilinearly from the whole template."""
+    _, _, kh, kw = node.shape4d
+    s = spec.max_shape[2]
+    return spec.rule_set.interpolate_large and (kh > s or kw > s) and not as_tokens(spec, node)
 
 
 def weight_block(spec: DecodeSpec, node: Node, is_cls: bool) -> WeightBlock:
     """The decode group of weight ``node`` (``params[0]``, canonical shape ``T``): its taps and
     the ``rows × cols = min(out, T0) × min(in, T1)`` corner that tiling reads (``cols = 1`` for a
-    1-D target; ``rows = out`` for the classifier)."""
+    1-D target; ``rows = out`` for the classifier; ``1 × min(in, C)`` for GHN-3's ``(1, T, C)``
+    token embeddings, whose channels are the last axis)."""
     out_ch, in_ch, s, _ = spec.max_shape
     target = node.params[0].canonical_shape
     rows = out_ch if is_cls else min(out_ch, target[0])
     cols = min(in_ch, target[1]) if len(target) > 1 else 1
-    return WeightBlock(*decoded_taps(node, s), rows, cols, is_cls)
+    if as_tokens(spec, node):
+        cols = min(in_ch, target[2])
+    kh, kw, y0, x0 = decoded_taps(node, s, spec.rule_set.centre_taps)
+    return WeightBlock(kh, kw, rows, cols, is_cls, y0, x0)
 
 
 def whole_block(spec: DecodeSpec, block: WeightBlock) -> WeightBlock:
