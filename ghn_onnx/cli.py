@@ -1,26 +1,33 @@
 """The ``ghn-onnx`` command line: thin adapters that parse options and call the library.
 
 Exit codes: 0 success; 1 an output could not be produced (matplotlib missing for --png/--svg,
-image path not writable); 2 bad input (bad usage, a model that cannot be read or that a GHN
-cannot serve). Errors are one line on stderr, never a traceback.
+an output path not writable: permissions, read-only file system, disk full); 2 bad input (bad
+usage, including an output path that names a device, FIFO or folder, or the input itself; a
+model that cannot be read or that a GHN cannot serve). Errors are one line on stderr, never a
+traceback: usage errors too (:class:`OneLineErrors`), and warnings raised on the way to an error
+are dropped (:func:`quiet_failure`). ``predict -O`` reports each input that fails on a line of its
+own and goes on with the others.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import click
 
-from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.errors import GhnOnnxError, OutputError
 from ghn_onnx.version import __version__
 
 if TYPE_CHECKING:
     from ghn_onnx.graph.graph import Graph
 
-EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 an output could not be written (e.g. matplotlib missing); "
-                   "2 bad input (unreadable or unsupported model, bad usage).")
+EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 an output could not be written (e.g. matplotlib missing, "
+                   "permission denied); 2 bad input (unreadable or unsupported model, bad usage, an output "
+                   "path that is a device, FIFO, folder or the input).")
 
 
 class InputError(click.ClickException):
@@ -29,7 +36,72 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+def _user_error(exc: GhnOnnxError) -> click.ClickException:
+    """The one-line CLI error for a library error: exit 1 for an output that could not be
+    written (:class:`OutputError`), else 2."""
+    return click.ClickException(str(exc)) if isinstance(exc, OutputError) else InputError(str(exc))
+
+
+class OneLineErrors(click.Group):
+    """The ``ghn-onnx`` group: a usage error (unknown option, missing argument, a path of the
+    wrong kind for ``-o`` / ``-O`` / ``--checkpoint``) is one line, ``Error: ...``, exit code 2,
+    like every other error, instead of click's four-line usage block."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+def _one_line(exc: click.UsageError) -> click.ClickException:
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # `ghn-onnx` alone: the help text
+        return exc
+    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    return InputError(" ".join(exc.format_message().split()).rstrip(".") + where)
+
+
+def quiet_failure(command: Callable) -> Callable:
+    """Hold back the Python warnings a command raises (torch's and onnx's notes on odd files)
+    until it succeeds, then show them; a command that fails prints its error line alone."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            result = command(*args, **kwargs)
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        return result
+
+    return run
+
+
+def _check_input(path: Path, what: str) -> None:
+    """Refuse an input that is not a regular file (a FIFO would block the reader) before any work."""
+    from ghn_onnx.onnx_io.files import regular_file_stat
+
+    try:
+        regular_file_stat(path, GhnOnnxError, what)
+    except GhnOnnxError as exc:
+        raise _user_error(exc) from None
+
+
+def _check_output(path: Path, *inputs: Path) -> None:
+    """Refuse an output path early (before any work): see :func:`~ghn_onnx.onnx_io.files.check_output_file`."""
+    from ghn_onnx.onnx_io.files import check_output_file
+
+    try:
+        check_output_file(path, inputs)
+    except GhnOnnxError as exc:
+        raise _user_error(exc) from None
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "--version", prog_name="ghn-onnx")
 def main() -> None:
     """Graph hypernetworks for ONNX models: predict the parameters of a network in one pass."""
@@ -43,6 +115,7 @@ def main() -> None:
               help="Also draw the GHN graph to this PNG file (needs the 'viz' extra).")
 @click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the GHN graph to this SVG file (needs the 'viz' extra).")
+@quiet_failure
 def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None) -> None:
     """Show the GHN graph of MODEL.onnx and how much of the model a GHN would predict.
 
@@ -62,10 +135,11 @@ def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None) -> N
     for path, _ in images:
         if path.resolve() == model.resolve():
             raise InputError(f"{path}: refusing to draw over the input model")
+        _check_output(path, model)
     try:
         report, graph = inspect_model(model)
     except GhnOnnxError as exc:
-        raise InputError(str(exc)) from None
+        raise _user_error(exc) from None
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -124,7 +198,7 @@ def _load_ghn(checkpoint_path: Path | None, device: str):
         path = resolve_checkpoint(checkpoint_path)
         return load_ghn(path, device=device), path
     except GhnOnnxError as exc:
-        raise InputError(str(exc)) from None
+        raise _user_error(exc) from None
 
 
 def _check_device(device: str) -> str:
@@ -156,6 +230,7 @@ def _check_device(device: str) -> str:
               help="For BN-folded exports: predict as if a BN followed each folded conv, calibrate its "
                    "statistics on --calibrate images, and write the folded conv weight and bias.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@quiet_failure
 def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, batch_size,
             seed, mean, std, no_normalize, unfold_bn, as_json) -> None:
     """Predict every supported parameter of each IN.onnx and write the model(s) back out.
@@ -175,30 +250,41 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
     if output is not None and len(models) != 1:
         raise InputError("-o takes one input; use -O OUTDIR for several")
     if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.ClickException(f"{output_dir}: cannot create the output folder "
+                                       f"({exc.strerror or exc})") from None
         outputs = [output_dir / m.name for m in models]
     else:
+        _check_output(output, models[0])
         outputs = [output]
     ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
     options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=batch_size,
                              seed=seed, **_normalisation(mean, std, no_normalize), unfold_bn=unfold_bn, device=device,
                              metadata={"checkpoint_sha256": file_sha256(ckpt)})
+    failed: list[GhnOnnxError] = []  # -O: inputs that could not be predicted, reported at the end
     try:
         results = predict_files(
             models, outputs, ghn, options,
             progress=lambda it: tqdm(it, desc="write", unit="model", disable=as_json or len(models) < 2),
+            on_error=(lambda src, exc: failed.append(exc)) if output_dir is not None else None,
         )
     except GhnOnnxError as exc:
-        raise InputError(str(exc)) from None
+        raise _user_error(exc) from None
     summary = [r.summary() for r in results]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-        return
-    for s in summary:
-        click.echo(f"{s['name']} -> {s['output']}: {s['predicted_tensors']} tensors, "
-                   f"{s['predicted_elements']:,} parameters predicted; BN {s['bn']}")
-        for w in s["warnings"]:
-            click.echo(f"  warning: {w}", err=True)
+    else:
+        for s in summary:
+            click.echo(f"{s['name']} -> {s['output']}: {s['predicted_tensors']} tensors, "
+                       f"{s['predicted_elements']:,} parameters predicted; BN {s['bn']}")
+            for w in s["warnings"]:
+                click.echo(f"  warning: {w}", err=True)
+    for exc in failed:
+        click.echo(f"Error: {exc}", err=True)
+    if failed:  # 2 if any input was bad, 1 if only outputs could not be written
+        click.get_current_context().exit(2 if any(not isinstance(e, OutputError) for e in failed) else 1)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -210,6 +296,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size of the passes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the image subset.")
 @normalisation_options
+@quiet_failure
 def calibrate(model, output, data, images, batch_size, seed, mean, std, no_normalize) -> None:
     """Measure BN running statistics of IN.onnx on images and write them (nothing else changes).
 
@@ -220,6 +307,7 @@ def calibrate(model, output, data, images, batch_size, seed, mean, std, no_norma
     from ghn_onnx.onnx_io.loading import load_model
     from ghn_onnx.writeback.write import save_model
 
+    _check_output(output, model)
     normalisation = _normalisation(mean, std, no_normalize)
     try:
         m = load_model(model)
@@ -231,7 +319,7 @@ def calibrate(model, output, data, images, batch_size, seed, mean, std, no_norma
         calibration = calibration_set(m, data, images, batch_size, seed, **normalisation)
         save_model(calibrate_bn(m, calibration.batches), output, source_path=model)
     except GhnOnnxError as exc:
-        raise InputError(str(exc)) from None
+        raise _user_error(exc) from None
     for note in calibration.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {output} (BN statistics from {calibration.images} images)")
@@ -245,6 +333,7 @@ def calibrate(model, output, data, images, batch_size, seed, mean, std, no_norma
 @click.option("--spatial", type=int, default=None,
               help="s of max_shape (64, 64, s, s): 11 CIFAR-10, 16 ImageNet (default: read off the weights).")
 @click.option("--hid", type=int, default=None, help="Node state size (default: read off the weights).")
+@quiet_failure
 def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
     """Convert a reference GHN-2 or GHN-3 state dict (ppuda / ghn3 key names: .npz arrays, a .pt
     training checkpoint, or ghn3's released pickle of a bare state dict, each read without
@@ -255,14 +344,16 @@ def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
     on); the options override it, and every key and shape is then checked against it."""
     from ghn_onnx.ghn import checkpoint, reference_formats
 
+    _check_input(source, "a .npz or .pt reference checkpoint")
+    _check_output(output, source)
     given = {k: v for k, v in (("num_classes", num_classes), ("hid", hid)) if v is not None}
     if spatial is not None:
         given["max_shape"] = (64, 64, spatial, spatial)
     try:
         ghn, found = reference_formats.load(source, given)
-        checkpoint.save(ghn, output, extra={"converted_from": source.name})
+        checkpoint.save(ghn, output, extra={"converted_from": source.name}, source_path=source)
     except GhnOnnxError as exc:
-        raise InputError(str(exc)) from None
+        raise _user_error(exc) from None
     click.echo(f"wrote {output} ({found.describe()}, {sum(p.numel() for p in ghn.parameters()):,} parameters, "
                f"{ghn.config})")
 
@@ -389,7 +480,7 @@ def bench(device, repeats, sizes, distinct, reference_cap, meta_batch, train_bat
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     except GhnOnnxError as exc:
-        raise InputError(str(exc)) from None
+        raise _user_error(exc) from None
     for path, text in ((json_path, lambda: json.dumps(results, indent=2)), (markdown_path, lambda: to_markdown(results))):
         if path is not None:
             try:
@@ -492,7 +583,7 @@ def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id
         result = evaluate(ghn, splits, cfg, source=checkpoint_source(ckpt),
                           log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     except GhnOnnxError as exc:
-        raise InputError(str(exc)) from None
+        raise _user_error(exc) from None
     if out_path is not None:
         try:
             write_json(result, out_path)

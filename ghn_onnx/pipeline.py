@@ -270,6 +270,12 @@ def _predict_batch(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
                    metadata: Mapping[str, str]) -> list[Prediction]:
     """Every model predicted, BN statistics not calibrated yet (see :func:`_calibrate`)."""
     prepared = [prepare(m, n, ghn.config.rules) for m, n in zip(models, names)]
+    return _predict_prepared(prepared, ghn, names, options, metadata)
+
+
+def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GHN, names: Sequence[str],
+                      options: PredictOptions, metadata: Mapping[str, str]) -> list[Prediction]:
+    """:func:`_predict_batch` for models already through :func:`prepare`."""
     folded = [options.unfold_bn and is_bn_folded(m, g) for m, g in prepared]
     params = iter(predict_graphs(ghn, [g for (_, g), f in zip(prepared, folded) if not f], options.reference))
     results = []
@@ -358,7 +364,9 @@ def predict(model: onnx.ModelProto | str | os.PathLike, ghn: GHN | None = None, 
 
 def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os.PathLike], ghn: GHN | None = None,
                   options: PredictOptions | None = None, *,
-                  progress: Callable[[Iterable], Iterable] = lambda it: it, **overrides) -> list[Prediction]:
+                  progress: Callable[[Iterable], Iterable] = lambda it: it,
+                  on_error: Callable[[str | os.PathLike, GhnOnnxError], None] | None = None,
+                  **overrides) -> list[Prediction]:
     """File to file: all ``inputs`` through the GHN in one batch, each prediction calibrated
     (if asked) and written to its output. Inputs are only read; each output is written
     atomically (temp + rename), with external data when it needs it.
@@ -367,9 +375,14 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
         inputs, outputs: one output path per input, all different.
         ghn, options, overrides: as for :func:`predict`.
         progress: wraps the per-file loop (calibration and writing), e.g. ``tqdm``.
+        on_error: called as ``on_error(input, error)`` for each input that cannot be read,
+            converted, calibrated or written; that input is left out (its output is not written)
+            and the others go on (``ghn-onnx predict -O``). ``None``: the first such error is
+            raised.
 
     Returns:
-        one :class:`Prediction` per input, with ``output`` and ``seconds`` set.
+        one :class:`Prediction` per input (per input that succeeded, with ``on_error``), with
+        ``output`` and ``seconds`` set.
 
     >>> [p.output for p in predict_files(["tests/fixtures/frameworks/torch_cnn.onnx"], ["torch_cnn_ghn.onnx"])]
     ['torch_cnn_ghn.onnx']
@@ -382,16 +395,41 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
         raise GhnOnnxError("two inputs would be written to the same output file")
     ghn, metadata = _ghn_and_metadata(ghn, options)
     t0 = time.perf_counter()
-    models = [load_model(p) for p in inputs]
-    preds = _predict_batch(models, ghn, [Path(p).name for p in inputs], options, metadata)
+    loaded = []
+    for src, dst in zip(inputs, outputs):  # every file is read before any is converted, as one batch
+        try:
+            loaded.append((src, dst, load_model(src)))
+        except GhnOnnxError as exc:
+            if on_error is None:
+                raise
+            on_error(src, exc)
+    jobs, prepared = [], []
+    for src, dst, model in loaded:
+        try:
+            prepared.append(prepare(model, Path(src).name, ghn.config.rules))
+            jobs.append((src, dst))
+        except GhnOnnxError as exc:
+            if on_error is None:
+                raise
+            on_error(src, exc)
+    del loaded
+    preds = _predict_prepared(prepared, ghn, [Path(src).name for src, _ in jobs], options, metadata)
     share = (time.perf_counter() - t0) / max(len(preds), 1)
-    for pred, src, dst in progress(list(zip(preds, inputs, outputs))):
+    written = []
+    for pred, (src, dst) in progress(list(zip(preds, jobs))):
         t1 = time.perf_counter()
-        _calibrate(pred, options)
-        save_model(pred.model, dst, source_path=src)
+        try:
+            _calibrate(pred, options)
+            save_model(pred.model, dst, source_path=src)
+        except GhnOnnxError as exc:
+            if on_error is None:
+                raise
+            on_error(src, exc)
+            continue
         pred.output = str(dst)
         pred.seconds = share + time.perf_counter() - t1
-    return preds
+        written.append(pred)
+    return written
 
 
 def _set_bn_metadata(model: onnx.ModelProto, status: str) -> None:

@@ -164,3 +164,58 @@ def test_empty_initializer_is_left_alone(ghn):
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
     out = {t.name: t for t in predict(model, ghn).model.graph.initializer}
     assert list(out["w2"].dims) == [0, 4, 1, 1] and not np.array_equal(numpy_helper.to_array(out["w1"]), np.ones((4, 3, 3, 3)))
+
+
+# -- hostile configurations and checkpoints ----------------------------------------------------
+
+@pytest.mark.parametrize("fields, expect", [
+    ({"hid": -32}, r"hid: expected an integer in \[4, 1024\] \(got -32\)"),
+    ({"hid": 10 ** 7}, r"hid: expected an integer in \[4, 1024\]"),
+    ({"hid": {}}, "hid: expected an integer"),
+    ({"hid": True}, "hid: expected an integer"),
+    ({"hid": 30}, "hid: expected a multiple of 4"),
+    ({"max_shape": [64, 64, "eleven", 11]}, "max_shape: expected 4 integers"),
+    ({"max_shape": 7}, "max_shape: expected 4 integers"),
+    ({"max_shape": [64, 64, 11, 12]}, "max_shape: expected 4 integers"),
+    ({"max_shape": [0, 64, 11, 11]}, r"max_shape: expected out in \[1, 1024\]"),
+    ({"ve_cutoff": {"a": 1}}, "ve_cutoff: expected an integer"),
+    ({"num_classes": 0}, "num_classes: expected an integer"),
+    ({"weight_norm": "yes"}, "weight_norm: expected true or false"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_config_fields_are_checked_by_type_and_range(fields, expect):
+    with pytest.raises(CheckpointError, match=expect):
+        GHNConfig.from_dict(fields)
+
+
+def test_hostile_header_builds_no_ghn(tmp_path, monkeypatch):
+    """A config that asks for a big GHN, over tensors that do not hold it: refused from the
+    shapes of a GHN built on the meta device, before a real one is built."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "g.safetensors"
+    save_file({"embed.weight": torch.zeros(15, 1024)}, str(path),
+              metadata={"format": checkpoint.FORMAT, "config": '{"hid": 1024, "max_shape": [1024, 1024, 64, 64]}'})
+    built = []
+    real_init = GHN.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built.append(torch.get_default_device().type)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(GHN, "__init__", recording_init)
+    with pytest.raises(CheckpointError, match="keys do not match"):
+        checkpoint.load(path)
+    assert built == ["meta"]
+
+
+def test_predict_files_reports_each_bad_input_and_goes_on(parity_dir, ghn, tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    errors = []
+    preds = predict_files([tmp_path / "bad.onnx", parity_dir / "deepnets_17.onnx"],
+                          [tmp_path / "out" / "bad.onnx", tmp_path / "good.onnx"], ghn,
+                          on_error=lambda src, exc: errors.append((Path(src).name, str(exc))))
+    assert [p.output for p in preds] == [str(tmp_path / "good.onnx")]
+    assert len(errors) == 1 and errors[0][0] == "bad.onnx" and "not a readable ONNX model" in errors[0][1]
+    with pytest.raises(GhnOnnxError, match="not a readable ONNX model"):  # without on_error: the first error
+        predict_files([tmp_path / "bad.onnx"], [tmp_path / "x.onnx"], ghn)

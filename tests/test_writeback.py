@@ -6,6 +6,8 @@ import copy
 import hashlib
 import json
 import os
+import re
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from onnx import numpy_helper
 import ghn_onnx
 from ghn_onnx.convert import convert
 from ghn_onnx.onnx_io.loading import load_model
-from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.errors import GhnOnnxError, OutputError
 from ghn_onnx.onnx_io.storage import stored_tensors, untie_aliases
 from ghn_onnx.writeback import write as writeback
 from ghn_onnx.writeback.write import resolve_shared, save_model, write_predictions
@@ -278,10 +280,10 @@ def test_untie_aliases_gives_each_parameter_its_own_tensor():
 
 # -- files -------------------------------------------------------------------------------------
 
-def predict_file(src: Path, dst: Path, **save_kw) -> onnx.ModelProto:
+def predict_file(src: Path, dst: Path, seed: int = 0, **save_kw) -> onnx.ModelProto:
     model = load_model(src)
     graph = convert(model)
-    out = write_predictions(model, graph, random_predictions(graph), metadata={"checkpoint_sha256": "x"})
+    out = write_predictions(model, graph, random_predictions(graph, seed), metadata={"checkpoint_sha256": "x"})
     save_model(out, dst, source_path=src, **save_kw)
     return out
 
@@ -303,6 +305,10 @@ def test_predict_to_file_leaves_input_alone(resnet, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx"]
 
 
+def data_files(folder: Path, name: str = "out.onnx") -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(name + ".") and p.name.endswith(".data"))
+
+
 def test_external_data_round_trip(resnet, tmp_path):
     _, model, _ = resnet
     src = tmp_path / "in.onnx"
@@ -311,14 +317,16 @@ def test_external_data_round_trip(resnet, tmp_path):
     digests = {p: sha(p) for p in (src, tmp_path / "in.onnx.data")}
     dst = tmp_path / "out.onnx"
     out = predict_file(src, dst, external_data=True)
-    first = {p: sha(p) for p in (dst, tmp_path / "out.onnx.data")}
-    predict_file(src, dst, external_data=True)  # again over the old output: same bytes, no appending
-    assert {p: sha(p) for p in first} == first
+    [data_name] = data_files(tmp_path)  # named after its content: out.onnx.<16 hex digits>.data
+    assert len(data_name) == len("out.onnx.") + 16 + len(".data")
+    first = {p: sha(p) for p in (dst, tmp_path / data_name)}
+    predict_file(src, dst, external_data=True)  # again over the old output: same bytes, same names
+    assert {p: sha(p) for p in first} == first and data_files(tmp_path) == [data_name]
     assert {p: sha(p) for p in digests} == digests
-    assert not os.path.samefile(tmp_path / "out.onnx.data", tmp_path / "in.onnx.data")
+    assert not os.path.samefile(tmp_path / data_name, tmp_path / "in.onnx.data")
     skeleton = onnx.load(str(dst), load_external_data=False)
     locations = {e.value for t in skeleton.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {"out.onnx.data"}
+    assert locations == {data_name}
     onnx.checker.check_model(str(dst))
     x = np.ones((1, 3, 16, 16), np.float32)
     np.testing.assert_array_equal(run(str(dst), x), run(out, x))
@@ -330,7 +338,12 @@ def test_external_data_round_trip(resnet, tmp_path):
         save_model(onnx.load(str(src), load_external_data=False), tmp_path / "other.onnx")
     with pytest.raises(GhnOnnxError, match="does not exist"):
         save_model(out, tmp_path / "missing" / "out.onnx")
-    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "out.onnx", "out.onnx.data"]
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "out.onnx", data_name]
+    # Other predictions replace the pair, and the old data file goes once the new pair is in.
+    predict_file(src, dst, external_data=True, seed=1)
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "out.onnx", *data_files(tmp_path)]
+    assert data_files(tmp_path) != [data_name]
+    onnx.checker.check_model(str(dst))
 
 
 def test_output_is_deterministic(resnet, tmp_path):
@@ -363,8 +376,107 @@ def test_interrupted_write_leaves_no_partial_file(resnet, tmp_path, monkeypatch,
 
     monkeypatch.setattr(onnx, "save_model", dies_midway)
     monkeypatch.setattr(writeback, "_write_bytes", dies_writing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="cannot write .disk full"):
         save_model(out, dst, external_data=external)
     assert dst.read_bytes() == b"previous model"
     assert (tmp_path / "out.onnx.data").read_bytes() == b"previous data"
     assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after it runs, no cleanup either."""
+
+
+FILE_STEPS = ("replace", "fsync", "unlink", "write")
+
+
+@pytest.mark.parametrize("step", range(12))
+def test_external_data_pair_survives_a_crash_at_any_step(resnet, tmp_path, monkeypatch, step):
+    """Old pair on disk, a new one being saved, the process dies at file operation ``step``:
+    the model on disk loads with its data, and is the old model or the new one, never a mix."""
+    _, model, graph = resnet
+    old = write_predictions(model, graph, random_predictions(graph, seed=1))
+    new = write_predictions(model, graph, random_predictions(graph, seed=2))
+    dst = tmp_path / "out.onnx"
+    save_model(old, dst, external_data=True)
+    calls = {"n": 0, "crashed": False}
+
+    def guard(real):
+        def step_or_crash(*args, **kwargs):
+            if calls["crashed"]:
+                return None  # a dead process does nothing more
+            calls["n"] += 1
+            if calls["n"] > step:
+                calls["crashed"] = True
+                raise Crash
+            return real(*args, **kwargs)
+        return step_or_crash
+
+    monkeypatch.setattr(os, "replace", guard(os.replace))
+    monkeypatch.setattr(os, "fsync", guard(os.fsync))
+    monkeypatch.setattr(Path, "unlink", guard(Path.unlink))
+    monkeypatch.setattr(writeback, "_write_bytes", guard(writeback._write_bytes))
+    monkeypatch.setattr(writeback.shutil, "rmtree", guard(writeback.shutil.rmtree))
+    try:
+        save_model(new, dst, external_data=True)
+    except Crash:
+        pass
+    monkeypatch.undo()
+    loaded = onnx.load(str(dst))  # with its external data: every location it names exists and is whole
+    values = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    matches = [all(np.array_equal(values[t.name], numpy_helper.to_array(t)) for t in m.graph.initializer)
+               for m in (old, new)]
+    assert any(matches), f"crash at step {step}: the model on disk is neither the old nor the new one"
+    if not calls["crashed"]:  # the save completed: the new pair, and the old data file is gone
+        assert matches[1] and len(data_files(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/null", "folder", "hard link to the input",
+                                  "symbolic link to the input", "empty name"])
+def test_outputs_that_are_not_ours_are_refused(resnet, tmp_path, kind):
+    _, model, _ = resnet
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model, str(src))
+    digest = sha(src)
+    dst = tmp_path / "out.onnx"
+    if kind == "fifo":
+        os.mkfifo(dst)
+    elif kind == "link to /dev/null":
+        dst.symlink_to("/dev/null")
+    elif kind == "folder":
+        dst.mkdir()
+    elif kind == "hard link to the input":
+        os.link(src, dst)
+    elif kind == "symbolic link to the input":
+        dst.symlink_to(src)
+    before = os.lstat(dst) if kind != "empty name" else None
+    expect = {"fifo": "is a FIFO", "link to /dev/null": "is a character device (through a symbolic link)",
+              "folder": "is a directory", "empty name": "not a file name"}.get(kind, "refusing to overwrite")
+    with pytest.raises(GhnOnnxError, match=re.escape(expect)):
+        save_model(load_model(src), "" if kind == "empty name" else dst, source_path=src)
+    assert sha(src) == digest
+    if before is not None:
+        after = os.lstat(dst)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_check_output_file_refuses_a_device_without_touching_it():
+    from ghn_onnx.onnx_io.files import check_output_file
+
+    with pytest.raises(GhnOnnxError, match="is a character device"):
+        check_output_file("/dev/null")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_refused_write_is_an_output_error(resnet, tmp_path, monkeypatch):
+    _, model, graph = resnet
+    out = write_predictions(model, graph, random_predictions(graph))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(writeback.tempfile, "mkdtemp", read_only)
+    with pytest.raises(OutputError, match=r"out.onnx: cannot write \(Read-only file system\)"):
+        save_model(out, tmp_path / "out.onnx")
+    assert not list(tmp_path.iterdir())

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from ghn_onnx.convert.context import ConversionContext
-from ghn_onnx.onnx_io.loading import check_supported, load_model
+from ghn_onnx.onnx_io.loading import check_supported, load_model, validate_model
 from ghn_onnx.convert.rules import RULES, Emission, rule_set
 from ghn_onnx.errors import UnsupportedModelError
 from ghn_onnx.graph.graph import Graph, Node, reachable, topological_order
@@ -50,8 +50,12 @@ def convert(model: onnx.ModelProto, name: str = "model", rules: str = "ghn2") ->
     configuration's ``rules``).
 
     Raises:
+        ModelLoadError: a graph :func:`~ghn_onnx.onnx_io.loading.validate_model` refuses (cycles,
+            two producers of a tensor, bad UTF-8, declared sizes over the budget): models built
+            in memory are checked here as files are on load.
         UnsupportedModelError: quantized weights, control flow, or no parametrised layer at all.
     """
+    validate_model(model, name, check_data=False)
     reading = rule_set(rules)
     check_supported(model, name)
     ctx = ConversionContext(model)

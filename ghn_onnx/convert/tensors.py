@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph.graph import Layout, LayoutStep
 
 # Ops that only move, rename or re-type values: followed when tracing a parameter back to its
@@ -71,12 +72,18 @@ class TensorIndex:
 
     # -- data flow ---------------------------------------------------------------------------
     def is_data(self, name: str) -> bool:
-        """True if the tensor's values depend on a graph input (activations, not weights)."""
+        """True if the tensor's values depend on a graph input (activations, not weights).
+
+        Raises:
+            GhnOnnxError: the tensor depends on a cycle (:func:`~ghn_onnx.onnx_io.loading.load_model`
+                refuses such graphs; this guards models built in memory).
+        """
         if not name:
             return False
         if name in self._data:
             return self._data[name]
         stack = [name]
+        expanded: set[str] = set()  # waiting for their inputs: met again as an input means a cycle
         while stack:  # iterative post-order: graphs can be thousands of nodes deep
             t = stack[-1]
             if t in self._data:
@@ -93,9 +100,13 @@ class TensorIndex:
                 else:
                     pending = [i for i in node.input if i and i not in self._data]
                     if pending:
+                        if t in expanded or any(i in expanded for i in pending):
+                            raise GhnOnnxError(f"the ONNX graph has a cycle through tensor {t!r}")
+                        expanded.add(t)
                         stack.extend(pending)
                         continue
                     self._data[t] = any(self._data.get(i, False) for i in node.input if i)
+            expanded.discard(t)
             stack.pop()
         return self._data[name]
 
@@ -104,11 +115,13 @@ class TensorIndex:
 
     def through_shape_ops(self, name: str) -> str:
         """Follow a data tensor upwards through shape-only ops to the tensor they re-view."""
+        seen = {name}
         while name in self.producer and self.producer[name].op_type in SHAPE_ONLY_OPS:
             node = self.producer[name]
-            if not node.input or not self.is_data(node.input[0]):
+            if not node.input or node.input[0] in seen or not self.is_data(node.input[0]):
                 break
             name = node.input[0]
+            seen.add(name)
         return name
 
     def data_ancestors(self, name: str) -> set[str]:
@@ -177,18 +190,27 @@ class TensorIndex:
                 if axes is None:
                     return None
                 return tuple(np.expand_dims(dummy, axis=tuple(axes)).shape)
-        except (ValueError, IndexError, TypeError, np.exceptions.AxisError):
+        except (ValueError, IndexError, TypeError, MemoryError, np.exceptions.AxisError):
             return None
         return None
 
     def constant_value(self, name: str) -> np.ndarray | None:
-        """The value of a static tensor (following only Identity/Cast), or None."""
+        """The value of a static tensor (following only Identity/Cast), or None (also for a
+        tensor whose data does not match its declared shape)."""
+        seen = {name}
         while name in self.producer and self.producer[name].op_type in ("Identity", "Cast"):
-            name = self.producer[name].input[0]
+            node = self.producer[name]
+            if not node.input or node.input[0] in seen:
+                return None
+            name = node.input[0]
+            seen.add(name)
         t = self.initializers.get(name) or self.constants.get(name)
         if t is None:
             return None
-        return numpy_helper.to_array(t)
+        try:
+            return numpy_helper.to_array(t)
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def rank(self, name: str) -> int | None:
         return self.ranks.get(name)

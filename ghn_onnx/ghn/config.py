@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,14 @@ CHOICES = {"hypernet": ("gatedgnn", "transformer"), "rules": ("ghn2", "ghn3")}
 # The transformer's sizes, and the distances its edge table covers (257 rows, read at d + 2).
 TRANSFORMER_RANGES = {"layers": (1, 64), "heads": (1, 64)}
 TRANSFORMER_MAX_CUTOFF = 254
+# The range of each integer field: wide enough for every published GHN-2 / GHN-3 size (hid 32-384,
+# blocks up to 64 x 64 x 16 x 16, ImageNet-21k's classes), narrow enough that a checkpoint
+# header cannot ask for a network that does not fit in memory before its tensors are compared
+# with the file's.
+INT_RANGES = {"hid": (4, 1024), "num_classes": (1, 100_000), "ve_cutoff": (1, 10_000)}
+CHANNEL_RANGE = (1, 1024)  # max_shape[0], max_shape[1]
+SPATIAL_RANGE = (1, 64)  # max_shape[2] == max_shape[3]
+BOOL_FIELDS = ("weight_norm", "ve", "layernorm")
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,27 @@ class GHNConfig:
     rules: str = "ghn2"
 
     def __post_init__(self) -> None:
-        if len(self.max_shape) != 4 or self.max_shape[2] != self.max_shape[3]:
-            raise CheckpointError(f"max_shape must be (out, in, s, s) (got {self.max_shape})")
+        """Check every field's type and range (:data:`INT_RANGES`, :data:`CHANNEL_RANGE`,
+        :data:`SPATIAL_RANGE`); raise :class:`CheckpointError` naming the first bad one."""
+        shape = self.max_shape
+        if (not isinstance(shape, tuple) or len(shape) != 4 or not all(_is_int(v) for v in shape)
+                or shape[2] != shape[3]):
+            raise CheckpointError(f"GHN config max_shape: expected 4 integers (out, in, s, s) (got {shape!r})")
+        for v, (lo, hi), what in ((shape[0], CHANNEL_RANGE, "out"), (shape[1], CHANNEL_RANGE, "in"),
+                                  (shape[2], SPATIAL_RANGE, "s")):
+            if not lo <= v <= hi:
+                raise CheckpointError(f"GHN config max_shape: expected {what} in [{lo}, {hi}] (got {shape!r})")
+        for name, (lo, hi) in INT_RANGES.items():
+            v = getattr(self, name)
+            if not _is_int(v) or not lo <= v <= hi:
+                raise CheckpointError(f"GHN config {name}: expected an integer in [{lo}, {hi}] (got {v!r})")
+        if self.hid % 4:
+            raise CheckpointError(f"GHN config hid: expected a multiple of 4, the shape encoder's four "
+                                  f"embeddings (got {self.hid})")
+        for name in BOOL_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise CheckpointError(f"GHN config {name}: expected true or false (got {v!r})")
 
         self._check_ghn3_fields()
 
@@ -82,15 +110,22 @@ class GHNConfig:
         ``decoder`` field was dropped still load: that key is ignored when it holds the one value
         there ever was, and refused otherwise. ``hypernet`` is a field again: older files hold
         ``"gatedgnn"``, its default; files without the GHN-3 fields get GHN-2's values."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"GHN config: expected a JSON object (got {type(d).__name__})")
         d = dict(d)
         for key, only in LEGACY_KEYS.items():
             got = d.pop(key, only)
             if got != only:
                 raise CheckpointError(f"GHN config {key!r}: only {only!r} is implemented (got {got!r})")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise CheckpointError(f"unknown GHN config keys: {', '.join(unknown)}")
-        if "max_shape" in d:
-            d["max_shape"] = tuple(int(v) for v in d["max_shape"])
+        if isinstance(d.get("max_shape"), list):  # JSON has no tuples; the elements are checked as given
+            d["max_shape"] = tuple(d["max_shape"])
         return cls(**d)
+
+
+def _is_int(v: Any) -> bool:
+    """An integer, not a bool (JSON ``true`` is not a size)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)

@@ -169,10 +169,12 @@ ALIAS_OPS = frozenset({"Identity", "Cast"})
 
 def alias_source(name: str, stored, producer: dict[str, onnx.NodeProto]) -> str | None:
     """The stored tensor that ``name`` reads through ``Identity`` / ``Cast`` nodes, or None."""
+    seen = set()
     while name and name not in stored:
         node = producer.get(name)
-        if node is None or node.op_type not in ALIAS_OPS or not node.input:
+        if node is None or node.op_type not in ALIAS_OPS or not node.input or name in seen:
             return None
+        seen.add(name)
         name = node.input[0]
     return name or None
 

@@ -15,9 +15,13 @@ converting.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -25,8 +29,9 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.errors import GhnOnnxError, OutputError
 from ghn_onnx.graph.graph import Graph, ParamRef
+from ghn_onnx.onnx_io.files import check_output_file, read_regular_file
 from ghn_onnx.onnx_io.storage import DATA_FIELDS, cast_to_stored, set_tensor_values, stored_tensors, tensor_nbytes
 from ghn_onnx.version import __version__
 
@@ -179,82 +184,164 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     Args:
         model: the model to write (not modified). Its tensors must hold their data in memory
             (load with :func:`ghn_onnx.onnx_io.loading.load_model`).
-        path: the output file.
-        external_data: store tensors of 1 KiB or more in ``<path name>.data`` next to ``path``.
+        path: the output file. An existing one must be a regular file (or a symbolic link, which
+            is replaced, not written through); devices, FIFOs and folders are refused.
+        external_data: store tensors of 1 KiB or more in an external data file next to ``path``,
+            named ``<path name>.<16 hex digits>.data`` after a hash of its content.
             ``None`` (default): only if the model would exceed protobuf's 2 GB limit.
-        source_path: the file ``model`` was read from; writing over it, or over its external
-            data file, is refused.
+        source_path: the file ``model`` was read from; writing over it or over its external data
+            files, under any name (symbolic or hard links included), is refused.
 
     Returns:
-        the output path. With external data the data file is written first (also via a
-        temporary file), then the model, so a crash in between leaves the old model next to the
-        new data file, never a half-written file.
+        the output path. With external data the pair is replaced atomically: the data file
+        goes in first under its new, content-derived name (never over a file the old model
+        reads, unless it holds these very bytes), then the model is renamed over the old one,
+        which is the commit; the old model's data file is removed last. A crash before the
+        commit leaves the old pair (and possibly an unreferenced new data file), after it the
+        new pair (and possibly the old, unreferenced data file).
+
+    Raises:
+        GhnOnnxError: an output path that may not be written (see above).
+        OutputError: the file system refused the write (permissions, read-only, full).
     """
     out = Path(path)
-    data_path = out.with_name(out.name + ".data")
-    _refuse_overwriting_source(out, data_path, source_path)
-    if not out.parent.is_dir():
-        raise GhnOnnxError(f"{out}: directory {out.parent} does not exist")
+    protected = [] if source_path is None else [Path(source_path)]
+    if protected and os.path.lexists(out):  # only an existing file can be one of the source's data files
+        protected += _external_data_files(protected[0])
+    check_output_file(out, protected)
     _refuse_unloaded_external_data(model)
     serialized = None
     if external_data is None:
         serialized = _serialized_if_small(model)
         external_data = serialized is None
+    try:
+        return _save(model, out, serialized, external_data, protected)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from None
 
+
+def _save(model: onnx.ModelProto, out: Path, serialized: bytes | None, external_data: bool,
+          protected: list[Path]) -> Path:
+    old_data = _old_data_files(out, protected)  # before the commit: what the old model reads
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    data_name: str | None = None
+    new_data: Path | None = None  # the data file this call created
+    committed = False
     try:
         tmp_model = tmpdir / out.name
         if external_data:
-            # onnx.save_model moves the data out of the proto it is given: work on a copy.
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(tmp_model), format="protobuf", save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_path.name,
-                            size_threshold=EXTERNAL_SIZE_THRESHOLD)
-            del copy
-            tmp_data = tmpdir / data_path.name
-            # Every tensor under the threshold: still replace any stale data file of an earlier run.
-            if not tmp_data.exists():
-                tmp_data.write_bytes(b"")
-            _fsync(tmp_data)
-            os.replace(tmp_data, data_path)
+            skeleton, data_name = _write_external(model, tmpdir, out.name)
+            if data_name is not None:
+                target = out.parent / data_name
+                if not os.path.lexists(target):
+                    _fsync(tmpdir / data_name)
+                    os.replace(tmpdir / data_name, target)  # a new name: nothing reads it yet
+                    new_data = target
+                    _fsync_dir(out.parent)
+                elif not _same_bytes(target, tmpdir / data_name):  # the name says the content
+                    raise GhnOnnxError(f"{target}: exists with other content than its name says; "
+                                       "remove it or choose another output path")
+            _write_bytes(tmp_model, skeleton)
         else:
             _write_bytes(tmp_model, serialized if serialized is not None else model.SerializeToString())
         _fsync(tmp_model)
-        os.replace(tmp_model, out)
+        os.replace(tmp_model, out)  # the commit
+        committed = True
         _fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if not committed and new_data is not None:
+            new_data.unlink(missing_ok=True)  # nothing refers to it
+    kept = {data_name} if external_data and data_name is not None else set()
+    for stale in old_data:
+        if stale.name not in kept:
+            stale.unlink(missing_ok=True)
     return out
 
 
-def _refuse_overwriting_source(out: Path, data_path: Path, source_path) -> None:
-    if source_path is None:
-        return
-    src = Path(source_path).resolve()
-    # The source's data files exist and lie under its directory: only an existing file there
-    # could be one, and only then is the source read again to list them.
-    at_risk = [p for p in (out, data_path) if p.resolve() == src or (p.is_file() and src.parent in p.resolve().parents)]
-    if not at_risk:
-        return
-    protected = {src} | {p.resolve() for p in _external_data_files(src)}
-    for p in at_risk:
-        if p.resolve() in protected:
-            raise GhnOnnxError(f"{p}: refusing to overwrite the input model's files "
-                               f"(read from {source_path}); choose another output path")
+def _same_bytes(a: Path, b: Path) -> bool:
+    if not (a.is_file() and os.path.getsize(a) == os.path.getsize(b)):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 24), fb.read(1 << 24)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _write_external(model: onnx.ModelProto, tmpdir: Path, out_name: str) -> tuple[bytes, str | None]:
+    """The serialized skeleton of ``model`` with every initializer of ``EXTERNAL_SIZE_THRESHOLD``
+    bytes or more in one data file in ``tmpdir``, and that file's final name (None: no tensor
+    was big enough). The name is derived from the file's content, so the same model saved again
+    gives the same bytes."""
+    from onnx.external_data_helper import set_external_data, write_external_data_tensors
+
+    copy = onnx.ModelProto()  # the data moves out of the proto it is written from: work on a copy
+    copy.CopyFrom(model)
+    pending = f"{out_name}.pending.data"
+    moved = [t for t in copy.graph.initializer
+             if t.HasField("raw_data") and sys.getsizeof(t.raw_data) >= EXTERNAL_SIZE_THRESHOLD]
+    for t in moved:
+        set_external_data(t, pending)
+    write_external_data_tensors(copy, str(tmpdir))
+    if not moved:
+        return copy.SerializeToString(), None
+    digest = hashlib.sha256()
+    with open(tmpdir / pending, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    name = f"{out_name}.{digest.hexdigest()[:16]}.data"
+    os.replace(tmpdir / pending, tmpdir / name)
+    for t in moved:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = name
+    return copy.SerializeToString(), name
+
+
+def _old_data_files(out: Path, protected: list[Path]) -> list[Path]:
+    """The external data files of the model now at ``out`` that are ours to remove once it is
+    replaced: named as :func:`save_model` names them (or ``<name>.data``), next to it, regular,
+    and not one of the ``protected`` input files."""
+    pattern = re.compile(re.escape(out.name) + r"(\.[0-9a-f]{16})?\.data")
+    try:
+        candidates = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    if not candidates or not out.is_file():
+        return []
+    referenced = {p.resolve() for p in _external_data_files(out)}
+    keep = {(s.st_dev, s.st_ino) for s in map(_stat_or_none, protected) if s is not None}
+    stale = []
+    for p in candidates:
+        st = _stat_or_none(p)
+        if (st is not None and stat.S_ISREG(os.lstat(p).st_mode) and p.resolve() in referenced
+                and (st.st_dev, st.st_ino) not in keep):
+            stale.append(p)
+    return stale
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _external_data_files(model_path: Path) -> list[Path]:
-    """The external data files that the model file at ``model_path`` refers to."""
-    if not model_path.is_file():
-        return []
+    """The external data files that the model file at ``model_path`` refers to (none if it is
+    not a readable ONNX file)."""
     try:
-        skeleton = onnx.load(str(model_path), load_external_data=False)
+        data = read_regular_file(model_path, MAX_PROTOBUF_BYTES, GhnOnnxError, "an .onnx file",
+                                 "an ONNX file can hold")
+        skeleton = onnx.load_model_from_string(data)
     except Exception:  # not readable as ONNX: it has no data files we could clobber
         return []
     tensors = list(skeleton.graph.initializer) + list(stored_tensors(skeleton).values())
     locations = {e.value for t in tensors for e in t.external_data if e.key == "location"}
-    return [model_path.parent / loc for loc in sorted(locations)]
+    return [model_path.parent / loc for loc in sorted(locations) if isinstance(loc, str)]
 
 
 def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
