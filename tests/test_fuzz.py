@@ -4,7 +4,7 @@ exit code, inputs untouched, no partial output, no pickle executed.
 The corpus (``tests/fuzz/corpus.py``): every hand-written hostile case plus ``MUTATIONS`` seeded
 mutations of the committed fixtures. The runner (``tests/fuzz/runner.py``) runs each case in a
 process of its own with a timeout and an address-space cap. Bounded: about two minutes on a
-busy 2-core machine, most of it the ``predict`` cases (each loads the GHN and its compiled loops).
+busy 2-core machine (corpus ~15 s, ~100 s of runs), most of it the ``predict`` cases.
 """
 
 from __future__ import annotations
@@ -120,10 +120,12 @@ def test_no_hang_crash_traceback_or_damage(fuzz_run):
 
 
 def test_fuzz_is_bounded(fuzz_run):
+    """~100 s of runs on a busy 2-core machine, twice that beside another test run: the bound
+    catches a case that became slow (each also has its own timeout), not a slow machine."""
     cases, results = fuzz_run
     total = sum(r["seconds"] for r in results)
     slowest = max(results, key=lambda r: r["seconds"])
-    assert total < 240, f"the fuzz run took {total:.0f} s (slowest: {slowest['name']}, {slowest['seconds']:.0f} s)"
+    assert total < 480, f"the fuzz run took {total:.0f} s (slowest: {slowest['name']}, {slowest['seconds']:.0f} s)"
 
 
 def test_refusals_say_why(fuzz_run):
