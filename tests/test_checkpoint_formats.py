@@ -241,3 +241,9 @@ def test_convert_checkpoint_infers_ghn2_imagenet(ghn3_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "GHN-2-ImageNet" in res.output
     assert checkpoint.load(out).config == GHNConfig(max_shape=(64, 64, 16, 16), num_classes=1000)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_plain_containers_unpickle(protocol):
+    blob = {"list": [1, 2], "tuple": (3,), "set": {4}, "frozen": frozenset([5]), "bytes": b"\x00\xff"}
+    assert reference_formats.read_pickle(pickle.dumps(blob, protocol=protocol), "x") == blob

@@ -350,3 +350,25 @@ def test_prediction_through_the_pipeline_reads_with_the_checkpoints_rules(ghn3_d
         assert v.shape == tuple(expected[f"{name}::shape"])
         index = expected[f"{name}::index"] if f"{name}::index" in expected.files else slice(None)
         assert np.abs(v.ravel()[index] - expected[f"{name}::values"].ravel()).max() < TOLERANCE, name
+
+
+@pytest.mark.parametrize("ve", [True, False])
+def test_flat_and_tensor_paths_agree_under_the_ghn3_rules(ve):
+    """What no fixture has: kernels larger than s (16×16 with s = 11: resized bilinearly), a
+    (1, T, C) token embedding with C > 64, odd channel counts, a smaller and a larger classifier;
+    a small transformer with and without virtual edges. The flat path (numba store), the tensor
+    path and GHN-3's whole-block decoding give the same values."""
+    from ghn_graphs import assert_same_predictions, fresh_ghn, odd_shapes_graph, small_head_graph
+
+    ghn = fresh_ghn("cpu", hid=32, layers=2, heads=4, hypernet="transformer", rules="ghn3", ve=ve)
+    graphs = [odd_shapes_graph(), small_head_graph()]
+    runs = []
+    for grad, sequential in ((False, False), (True, False), (False, True)):
+        torch.manual_seed(1)
+        with torch.set_grad_enabled(grad):
+            runs.append([{k: v.detach() for k, v in p.items()} for p in ghn(graphs, sequential=sequential)])
+    for other in runs[1:]:
+        assert_same_predictions(other, runs[0], rtol=1e-5, atol=1e-6)
+    patch = runs[0][0]["patch.weight"]
+    assert patch.shape == (130, 100, 16, 16) and not torch.equal(patch[..., :11, :11].repeat(1, 1, 2, 2)[..., :16, :16],
+                                                                 patch)  # resized, not tiled

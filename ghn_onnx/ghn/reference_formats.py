@@ -149,8 +149,8 @@ def convert_state(state: Mapping[str, torch.Tensor], source: str = "state dict")
 
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles a state dict and nothing else: :meth:`find_class` resolves only
-    :data:`ALLOWED` (torch's tensor-rebuild functions, ``collections.OrderedDict``, the codec
-    that protocol-2 pickles use for bytes) and the storage loader, which reads its bytes with
+    :data:`ALLOWED` (torch's tensor-rebuild functions, ``collections.OrderedDict``, plain
+    containers, the codec that protocol-2 pickles use for bytes) and the storage loader, which reads its bytes with
     ``torch.load(weights_only=True)``; every other global raises :class:`CheckpointError`
     before anything is called."""
 
@@ -160,6 +160,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
         ("_codecs", "encode"): lambda text, encoding="utf-8": _encode(text, encoding),
+        # plain containers, under Python 3's module name and the one protocol-2 pickles use
+        **{(m, c.__name__): c for c in (dict, list, tuple, set, frozenset) for m in ("builtins", "__builtin__")},
     }
 
     def __init__(self, file, source: str) -> None:

@@ -108,8 +108,12 @@ def dense_plan(batch: GraphBatch, device: torch.device | str) -> DensePlan:
     one_hop = (dist == 1)
     pad = np.ones((n_graphs, n_max), dtype=bool)
     pad[graph_of_node, local] = False
-    values, inverse = np.unique(dist, return_inverse=True)
-    inverse = inverse.reshape(dist.shape)
+    if dist.max(initial=0) > EDGE_TABLE_ROWS - 3:
+        raise ValueError(f"Expected distances up to {EDGE_TABLE_ROWS - 3} (got {dist.max()}): lower the cut-off")
+    values = np.flatnonzero(np.bincount(dist.ravel(), minlength=1))  # the distinct distances, without a sort
+    position = np.zeros(EDGE_TABLE_ROWS, dtype=np.int64)
+    position[values] = np.arange(len(values))
+    inverse = position[dist]
     pair = inverse * len(values) + inverse.transpose(0, 2, 1)
 
     def t(a: np.ndarray) -> torch.Tensor:
