@@ -78,9 +78,19 @@ def test_missing_matplotlib_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "g.svg").exists()
 
 
-def test_unwritable_image_path_is_one_line(tmp_path):
+def test_image_path_in_a_missing_folder_is_bad_usage(tmp_path):
+    """A folder that does not exist is the caller's mistake (exit 2, README), found before work."""
     path = save(conv_model(), tmp_path / "m.onnx")
     result = invoke("inspect", str(path), "--png", str(tmp_path / "no" / "such" / "dir" / "g.png"))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [result.output.strip().splitlines()[-1]]
+    assert result.output.strip().startswith("Error: ") and "does not exist" in result.output
+
+
+def test_unwritable_image_path_is_one_line(tmp_path):
+    """What the file system refuses is an output that cannot be written (exit 1)."""
+    path = save(conv_model(), tmp_path / "m.onnx")
+    result = invoke("inspect", str(path), "--png", "/proc/ghn_onnx_test.png")
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
     assert "Traceback" not in result.output
