@@ -156,3 +156,10 @@ def test_readme_layout_names_every_package_folder():
     folders = sorted(str(p.parent.relative_to(PACKAGE.parent)) + "/" for p in PACKAGE.rglob("__init__.py"))
     unnamed = [f for f in folders if f"`{f}`" not in table]
     assert not unnamed, unnamed
+
+
+def test_readme_layout_names_every_module():
+    table = layout_table()
+    unnamed = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+                     if p.name != "__init__.py" and f"`{p.name}`" not in table)
+    assert not unnamed, unnamed
