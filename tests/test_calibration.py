@@ -496,3 +496,18 @@ def test_normalisation_flag_errors(args, message, tmp_path):
     res = CliRunner().invoke(main, ["calibrate", str(FRAMEWORKS / "torch_cnn.onnx"), "-o", str(tmp_path / "o.onnx"),
                                     "--data", str(tmp_path), *args])
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_calibration_data_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A FIFO would block on open and a device would never end: refused before reading."""
+    import os
+
+    from ghn_onnx.bn.images import load_calibration_data
+    from ghn_onnx.errors import GhnOnnxError
+
+    fifo = tmp_path / "images.zip"
+    os.mkfifo(fifo)
+    with pytest.raises(GhnOnnxError, match="FIFO"):
+        load_calibration_data(fifo, (3, 32, 32), 4)
+    with pytest.raises(GhnOnnxError, match="character device"):
+        load_calibration_data("/dev/zero", (3, 32, 32), 4)

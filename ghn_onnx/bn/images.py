@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.onnx_io.files import regular_file_stat
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -138,6 +139,8 @@ def load_calibration_data(path: str | os.PathLike, input_shape: Sequence, n: int
     path = Path(path)
     if not path.exists():
         raise GhnOnnxError(f"{path}: no such calibration data")
+    if not path.is_dir():  # a FIFO or a device would block or never end
+        regular_file_stat(path, GhnOnnxError, "calibration images: a folder, .zip, .npy or .npz")
     rng = np.random.default_rng(seed)
     if path.suffix.lower() in (".npy", ".npz"):
         arr = _load_array(path)
