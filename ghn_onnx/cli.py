@@ -382,18 +382,34 @@ def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--init", "init", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Start a new run from this checkpoint's weights (fresh optimizer and streams).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="The networks' forward/backward (the GHN stays fp32). auto: bf16 on CPUs with native bf16 "
+                   "(AVX512-BF16, AMX), fp16 + loss scaling on CUDA, else fp32.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Feed the networks NHWC images (faster convolutions on CPU).")
+@click.option("--fast-ops/--no-fast-ops", default=True, show_default=True,
+              help="msa through scaled_dot_product_attention; strided msa/cse compute only the pixels they keep.")
+@click.option("--meta-nets/--no-meta-nets", default=False, show_default=True,
+              help="Build training networks on the meta device (no memory or initialisation; the GHN supplies "
+                   "every parameter).")
 def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup, clip, seed, device,
-          save_every, eval_every, val_nets, val_images, resume, init) -> None:
+          save_every, eval_every, val_nets, val_images, resume, init, precision, channels_last, fast_ops,
+          meta_nets) -> None:
     """Train a GHN-2 on CIFAR-10 over random DeepNets-like architectures.
 
-    Runs on CPU, one GPU (--device cuda, AMP on), or several processes with torchrun
-    (e.g. `torchrun --nproc-per-node 2 -m ghn_onnx.cli train ...`)."""
+    Runs on CPU, one GPU (--device cuda), or several processes with torchrun
+    (e.g. `torchrun --nproc-per-node 2 -m ghn_onnx.cli train ...`). A resumed run refuses a
+    different --seed, --batch-size or --meta-batch; other changes are recorded in trainer.json."""
+    import torch
+
     from ghn_onnx.training.run import train as run_train
-    from ghn_onnx.training.trainer import TrainConfig
+    from ghn_onnx.training.trainer import TrainConfig, resolve_precision
 
     cfg = TrainConfig(steps=steps, meta_batch=meta_batch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      warmup_steps=warmup, grad_clip=clip, seed=seed, save_every=save_every, eval_every=eval_every)
+                      warmup_steps=warmup, grad_clip=clip, seed=seed, save_every=save_every, eval_every=eval_every,
+                      precision=precision, channels_last=channels_last, fast_ops=fast_ops, meta_nets=meta_nets)
     try:
+        resolve_precision(precision, torch.device(device))
         run_train(out_dir, data, cfg, resume=resume, device=_check_device(device), val_nets=val_nets,
                   val_images=val_images, init=init)
     except GhnOnnxError as exc:

@@ -1,4 +1,5 @@
-"""Data pipeline, trainer steps, exact resume, and the distributed (gloo) path."""
+"""Data pipeline, trainer steps, exact resume, the cheaper-step levers, and the distributed
+(gloo) path."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ghn_onnx.errors import CheckpointError, GhnOnnxError
 from ghn_onnx.training.datasets import CLASSES, BatchStream, ImageSet, augment, load_cifar10, train_val_split
-from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.training.generator import ArchPool, TrainingStream
-from ghn_onnx.training.trainer import TrainConfig, Trainer, init_ghn, lr_at
+from ghn_onnx.training.generator import ArchPool, TrainingStream, export_onnx
+from ghn_onnx.training.ops import ChannelSE, Transformer
+from ghn_onnx.training.trainer import (PredictionCoverageError, TrainConfig, Trainer, init_ghn, lr_at,
+                                       param_groups)
 
 
 def _images(n: int, seed: int = 0) -> ImageSet:
@@ -101,9 +104,23 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(55, cfg) == pytest.approx(0.5) and lr_at(100, cfg) == pytest.approx(0.0)
 
 
-def _trainer(out, steps, seed=0):
-    cfg = TrainConfig(steps=steps, meta_batch=2, batch_size=8, warmup_steps=1, save_every=2, log_every=1, seed=seed)
-    return Trainer(init_ghn(seed=seed), cfg, _images(64), ArchPool(TrainingStream(seed), add_every=2), out)
+#: The trainer as it was before the levers (fp32, NCHW, CPU-built networks, reference ops).
+REFERENCE = {"precision": "fp32", "channels_last": False, "fast_ops": False, "meta_nets": False}
+LEVERS = {"precision": "bf16", "channels_last": True, "fast_ops": True, "meta_nets": True}
+
+
+def _trainer(out, steps, seed=0, images=64, **changes):
+    cfg = TrainConfig(**{**dict(steps=steps, meta_batch=2, batch_size=8, warmup_steps=1, save_every=2, log_every=1,
+                                seed=seed, **REFERENCE), **changes})
+    pool = ArchPool(TrainingStream(seed), add_every=2, device="meta" if cfg.meta_nets else None)
+    return Trainer(init_ghn(seed=seed), cfg, _images(images), pool, out)
+
+
+def _resumed(out, steps, **changes):
+    trainer = _trainer(out, steps, **changes)
+    state = trainer.load()
+    trainer.nets = ArchPool.from_state(state["nets"], device="meta" if trainer.cfg.meta_nets else None)
+    return trainer
 
 
 @pytest.fixture
@@ -116,39 +133,195 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_training_steps_change_the_ghn_and_resume_exactly(tmp_path, one_thread):
-    straight = _trainer(tmp_path / "a", 4)
+@pytest.mark.parametrize("levers", [{}, LEVERS], ids=["reference", "all-levers"])
+def test_training_steps_change_the_ghn_and_resume_exactly(tmp_path, one_thread, levers):
+    straight = _trainer(tmp_path / "a", 4, **levers)
     before = {k: v.clone() for k, v in straight.ghn.state_dict().items()}
     straight.fit(progress=False)
     assert any(not torch.equal(before[k], v) for k, v in straight.ghn.state_dict().items())
 
-    first = _trainer(tmp_path / "b", 4)
-    first.cfg = TrainConfig(**{**first.cfg.__dict__, "steps": 2})
-    first.fit(progress=False)
-    resumed = _trainer(tmp_path / "b", 4)
-    state = resumed.load()
-    resumed.nets = ArchPool.from_state(state["nets"])
-    assert resumed.step == 2
+    first = _trainer(tmp_path / "b", 2, **levers)
+    first.fit(progress=False)  # saves at its last step
+    saved_rng = torch.get_rng_state()
+    torch.manual_seed(12345)  # whatever ran in between: the checkpoint's RNG state wins
+    resumed = _resumed(tmp_path / "b", 4, **levers)  # more steps: a schedule change, allowed
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+    assert resumed.step == 2 and resumed.changes == []
     resumed.fit(progress=False)
     for k, v in straight.ghn.state_dict().items():
         assert torch.equal(resumed.ghn.state_dict()[k], v), k  # bit for bit
+    for p, q in zip(straight.ghn.parameters(), resumed.ghn.parameters()):
+        for k, v in straight.opt.state[p].items():
+            assert torch.equal(resumed.opt.state[q][k], v), k
     logs = [(tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("a", "b")]
     assert len(logs[1]) == 4
     assert [json.loads(x)["loss"] for x in logs[0]] == [json.loads(x)["loss"] for x in logs[1]]
 
 
+def test_a_parameter_the_ghn_does_not_predict_is_an_error(tmp_path):
+    trainer = _trainer(tmp_path, 1)
+    predict = trainer.ghn.forward
+
+    def drop_one(graphs):
+        preds = predict(graphs)
+        return [{k: v for k, v in p.items() if k != "classifier.0.bias"} for p in preds]
+
+    trainer.ghn.forward = drop_one
+    with pytest.raises(PredictionCoverageError, match=r"no prediction for 1 of its \d+ parameters: classifier.0.bias"):
+        trainer.train_step()
+
+
+def test_weight_decay_only_on_linear_conv_and_recurrent_weights(tmp_path):
+    ghn = init_ghn()
+    decayed, other = param_groups(ghn, 0.1)
+    expected = {f"{n}.weight" for n, m in ghn.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    expected |= {"gnn.gru.weight_ih", "gnn.gru.weight_hh"}
+    assert set(decayed["names"]) == expected and decayed["weight_decay"] == 0.1
+    assert {"embed.weight", "shape_enc.embed_channel.weight", "ln.weight", "ln.bias", "decoder.fc.0.bias",
+            "gnn.gru.bias_ih"} <= set(other["names"]) and other["weight_decay"] == 0.0
+    assert len(decayed["names"]) + len(other["names"]) == len(list(ghn.parameters()))
+    trainer = _trainer(tmp_path, 1, weight_decay=0.1)
+    assert [g["weight_decay"] for g in trainer.opt.param_groups] == [0.1, 0.0]
+    with pytest.raises(TypeError, match="PReLU"):
+        param_groups(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.PReLU()), 0.1)
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"batch_size": 16}, {"meta_batch": 4}, {"images": 80}],
+                         ids=["seed", "batch_size", "meta_batch", "image_set"])
+def test_resume_refuses_a_change_of_the_streams(tmp_path, change):
+    _trainer(tmp_path, 4).save()
+    name = next(iter(change)) if "images" not in change else "training images"
+    with pytest.raises(CheckpointError, match=f"cannot resume with {name}"):
+        _resumed(tmp_path, 4, **change)
+
+
+def test_resume_allows_schedule_and_records_precision_changes(tmp_path):
+    _trainer(tmp_path, 4).save()
+    assert _resumed(tmp_path, 10, save_every=5, eval_every=3, log_every=7).changes == []
+    resumed = _resumed(tmp_path, 4, precision="bf16", lr=5e-4)
+    assert resumed.changes == [{"step": 0, "lr": [1e-3, 5e-4], "precision": ["fp32", "bf16"],
+                                "resolved_precision": ["fp32", "bf16"]}]
+    resumed.save()
+    assert json.loads((tmp_path / "trainer.json").read_text())["changes"] == resumed.changes
+
+
+def test_resume_of_a_folder_saved_before_rng_state_was_checkpointed(tmp_path):
+    """Run folders written before this change lack the RNG state, the new configuration fields
+    and the recorded precision: they resume, with one warning, and the defaults count as changes."""
+    from safetensors.torch import load_file, save_file
+
+    first = _trainer(tmp_path, 4)
+    first.save()
+    tensors = load_file(str(tmp_path / "trainer.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("rng::")}, str(tmp_path / "trainer.safetensors"))
+    state = json.loads((tmp_path / "trainer.json").read_text())
+    for key in ("precision", "world", "scaler", "changes", "data_size"):
+        del state[key]
+    for key in REFERENCE:
+        del state["config"][key]
+    (tmp_path / "trainer.json").write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="saved without RNG state") as caught:
+        resumed = _resumed(tmp_path, 4, fast_ops=True)
+    assert len(caught) == 1
+    assert resumed.changes == [{"step": 0, "fast_ops": [False, True]}]
+
+
+def _flat_grad(trainer):
+    images, labels = trainer.next_batch()
+    trainer.forward_backward(images, labels, trainer.draw_share())
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in trainer.ghn.parameters()])
+
+
+def test_each_lever_keeps_the_ghn_gradient(tmp_path, one_thread):
+    """Same GHN, images, networks and dropout seeds: meta-device networks change nothing (their own
+    initialisation is discarded), channels_last and the fast ops change rounding only, bf16
+    autocast keeps the gradient's direction (the bench reports the cosine on the full step).
+    Seed 29 draws a network with dropout, msa blocks and depthwise convolutions."""
+    ref = _flat_grad(_trainer(tmp_path, 1, seed=29))
+    assert torch.equal(_flat_grad(_trainer(tmp_path, 1, seed=29, meta_nets=True)), ref)
+    scale = float(ref.abs().max())
+    for lever in ({"channels_last": True}, {"fast_ops": True}):
+        torch.testing.assert_close(_flat_grad(_trainer(tmp_path, 1, seed=29, **lever)) / scale, ref / scale,
+                                   rtol=0, atol=1e-4, msg=str(lever))
+    bf16 = _flat_grad(_trainer(tmp_path, 1, seed=29, precision="bf16", channels_last=True))
+    assert not torch.equal(bf16, ref)
+    assert float(torch.nn.functional.cosine_similarity(bf16.double(), ref.double(), dim=0)) > 0.99
+
+
+# -- cheaper ops -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stride,side", [(1, (7, 5)), (2, (7, 5)), (2, (8, 8))])
+def test_fast_msa_equals_the_reference_attention(stride, side):
+    torch.manual_seed(0)
+    block = Transformer(24, stride)
+    x = torch.randn(3, 24, *side, requires_grad=True)
+    outs, grads = [], []
+    for fast in (True, False):
+        block.fast = fast
+        y = block(x)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.square().sum(), [x, *block.parameters()]))
+    assert outs[0].shape == outs[1].shape == (3, 24, -(-side[0] // stride), -(-side[1] // stride))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_strided_se_is_bitwise_the_reference():
+    torch.manual_seed(0)
+    block = ChannelSE(16, stride=2)
+    x = torch.randn(2, 16, 9, 7)
+    fast = block(x)
+    block.fast = False
+    assert torch.equal(fast, block(x))
+
+
+def test_onnx_export_traces_the_reference_ops():
+    """The graphs a GHN trains on are read from exports: the fast ops must not change them."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=4, padding=1), Transformer(16, 2), ChannelSE(16, 2))
+    ops = []
+    for fast in (True, False):
+        for m in net[1:]:
+            m.fast = fast
+        ops.append([n.op_type for n in export_onnx(net).graph.node])
+    assert ops[0] == ops[1] and "Softmax" in ops[0]
+
+
+def test_train_command_refuses_fp16_on_cpu(tmp_path):
+    from click.testing import CliRunner
+
+    from ghn_onnx.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "run"), "--precision", "fp16"])
+    assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
     import os
 
     import torch.distributed as dist
 
+    from ghn_onnx.training.trainer import all_reduce_gradients
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
+    # Ranks disagreeing on which parameters got a gradient: one flat all-reduce, no deadlock.
+    a, b, c = (torch.nn.Parameter(torch.ones(n)) for n in (3, 2, 4))
+    ((a * 2).sum() + (b * 3).sum() if rank == 0 else (a * 5).sum()).backward()
+    all_reduce_gradients([a, b, c])
+    toy = {"a": a.grad, "b": b.grad, "c_is_none": c.grad is None}
+
     trainer = _trainer(out, 1)
+    built = []
+    build = trainer.nets._build
+    trainer.nets._build = lambda *args: built.append(args) or build(*args)
     trainer.train_step()
     grads = {f"grad:{k}": p.grad for k, p in trainer.ghn.named_parameters()}
-    torch.save({**trainer.ghn.state_dict(), **grads}, f"{out}/rank{rank}.pt")
+    torch.save({**trainer.ghn.state_dict(), **grads, "built": len(built), "toy": toy}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -165,6 +338,9 @@ def test_two_process_gloo_training_equals_single_process(tmp_path):
     single.train_step()
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
+    for r in (r0, r1):
+        assert r["built"] == 1  # each rank builds only its share of the meta-batch of 2
+        assert r["toy"]["a"].tolist() == [7.0] * 3 and r["toy"]["b"].tolist() == [3.0] * 2 and r["toy"]["c_is_none"]
     for k, v in single.ghn.state_dict().items():
         assert torch.equal(r0[k], r1[k]), k  # ranks stay in lock-step
     for k, p in single.ghn.named_parameters():

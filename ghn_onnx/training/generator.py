@@ -255,13 +255,14 @@ class TrainingStream:
 @dataclass
 class PoolSample:
     """One training network: its spec and width, the network (batch-statistics BN, freshly
-    initialised) and its GHN graph. ``new`` is True when the architecture was just exported."""
+    initialised) and its GHN graph (both None for a draw made with ``build=False``). ``new`` is
+    True when the architecture was just added to the pool."""
 
     spec: ArchSpec
     C: int
     fc_dim: int
-    net: Network
-    graph: Graph
+    net: Network | None
+    graph: Graph | None
     new: bool
 
 
@@ -288,6 +289,10 @@ class ArchPool:
     pool instead adds an architecture on every k-th draw and ignores times: the draw sequence is
     then a pure function of the seed (identical on every rank of a multi-process run, and after a
     resume).
+
+    ``draw(build=False)`` advances the pool exactly as ``draw()`` but builds, exports and
+    refreshes nothing (its sample has ``net`` and ``graph`` None; a new architecture is exported
+    when first re-used): a rank of a multi-process run draws the other ranks' networks this way.
     """
 
     def __init__(self, stream: TrainingStream | None = None, budget_fraction: float = 0.1,
@@ -326,17 +331,22 @@ class ArchPool:
             return index % self.add_every == 0
         return self.generation_seconds <= self.budget_fraction * self.training_seconds
 
-    def draw(self) -> PoolSample:
+    def draw(self, build: bool = True) -> PoolSample:
         index = self.draws
         self.draws += 1
         if self._may_add(index):
             spec, C, fc_dim = next(self.stream)
+            if not build:
+                self.entries.append(_Entry(spec, C, fc_dim, graph=None))
+                return PoolSample(spec, C, fc_dim, None, None, new=True)
             entry = _Entry(spec, C, fc_dim, self._export(spec, C, fc_dim))
             self.entries.append(entry)
             return PoolSample(spec, C, fc_dim, self._build(spec, C, fc_dim), entry.graph, new=True)
         rng = np.random.default_rng([POOL_NAMESPACE, self.stream.seed, index])
         entry = self.entries[int(rng.integers(len(self.entries)))]
         C, fc_dim = sample_width(rng, entry.spec)
+        if not build:
+            return PoolSample(entry.spec, C, fc_dim, None, None, new=False)
         if entry.graph is None:
             entry.graph = self._export(entry.spec, entry.C, entry.fc_dim)
         net = self._build(entry.spec, C, fc_dim)

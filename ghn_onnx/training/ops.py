@@ -9,6 +9,15 @@ exports name their nodes the way the reference graphs do.
 maps each name to a factory ``(c_in, c_out, stride, norm) -> nn.Module``. ``none`` has no module:
 a cell skips it (the reference's ``Zero`` op, whose output the cell treats as absent).
 
+With ``fast`` on (the default; :func:`set_fast_ops`) ``msa`` attends through
+:func:`torch.nn.functional.scaled_dot_product_attention`, and strided ``msa`` and ``cse`` blocks
+compute only the pixels they keep (the transformer's queries, residual and FFN; the gate's
+product). The values are those of the reference forward (``forward_reference``: full attention
+matrix, full-resolution output, then subsampling) within float rounding, bit for bit for ``cse``.
+ONNX export always traces the reference forward, so the graphs a GHN sees do not depend on the
+flag. Depthwise convolutions (:class:`DepthwiseConv2d`) run NHWC inputs in fp32 under CPU
+autocast, where oneDNN's bf16 depthwise kernels are the slower ones.
+
 Normalisation is injected as a :data:`NormFactory`: DeepNets use BatchNorm with batch statistics
 only (``track_running_stats=False``); an ONNX export needs running statistics to emit
 ``BatchNormalization`` nodes, so exports build the same network with tracking on (parameter names
@@ -21,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 #: Cell operations in the reference sampling order (``PRIMITIVES_DARTS_EXT``).
 CELL_OPS: tuple[str, ...] = (
@@ -67,6 +77,25 @@ class ReLUConvBN(nn.Module):
         return self.op(x)
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A bias-free depthwise ``k×k`` convolution (``groups = channels``) that runs an NHWC input
+    in fp32 under CPU autocast: oneDNN's bf16 depthwise kernels are slower than its fp32 NHWC ones,
+    while dense convolutions run about twice as fast in bf16. Fwd + bwd, one thread, 64×32×32×32,
+    5×5: fp32 NHWC 38 ms, bf16 NHWC 71 ms, bf16 NCHW 81 ms, fp32 NCHW 114 ms (so an NCHW input
+    stays in bf16). Otherwise it is ``nn.Conv2d``, whose parameter (``weight``) and ONNX export
+    it keeps."""
+
+    def __init__(self, c: int, ks: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> None:
+        super().__init__(c, c, ks, stride=stride, padding=padding, dilation=dilation, groups=c, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or x.is_contiguous()
+                or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float())
+
+
 class SepConv(nn.Module):
     """Two rounds of ReLU → depthwise k×k → pointwise 1×1 → norm; only the first depthwise conv
     strides."""
@@ -76,11 +105,11 @@ class SepConv(nn.Module):
         p = ks // 2
         self.op = nn.Sequential(
             nn.ReLU(),
-            nn.Conv2d(c_in, c_in, ks, stride=stride, padding=p, groups=c_in, bias=False),
+            DepthwiseConv2d(c_in, ks, stride=stride, padding=p),
             nn.Conv2d(c_in, c_in, 1, bias=False),
             norm(c_in),
             nn.ReLU(),
-            nn.Conv2d(c_in, c_in, ks, stride=1, padding=p, groups=c_in, bias=False),
+            DepthwiseConv2d(c_in, ks, stride=1, padding=p),
             nn.Conv2d(c_in, c_out, 1, bias=False),
             norm(c_out),
         )
@@ -96,7 +125,7 @@ class DilConv(nn.Module):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(),
-            nn.Conv2d(c_in, c_in, ks, stride=stride, padding=ks - ks % 2, dilation=2, groups=c_in, bias=False),
+            DepthwiseConv2d(c_in, ks, stride=stride, padding=ks - ks % 2, dilation=2),
             nn.Conv2d(c_in, c_out, 1, bias=False),
             norm(c_out),
         )
@@ -135,22 +164,35 @@ class ChannelSE(nn.Module):
     """Squeeze-excitation: ``x * hardswish(fc2(relu(fc1(mean_hw(x)))))``, reduction 2.
 
     The reference gates with Hardswish (not a sigmoid); a strided instance subsamples its output.
+    The squeeze always averages the full-resolution input; with ``fast`` the gate multiplies only
+    the pixels the subsampling keeps (the same values, bit for bit).
     """
 
-    def __init__(self, c: int, stride: int = 1) -> None:
+    def __init__(self, c: int, stride: int = 1, fast: bool = True) -> None:
         super().__init__()
         self.stride = stride
+        self.fast = fast
         self.fc1 = nn.Linear(c, c // SE_REDUCTION)
         self.fc2 = nn.Linear(c // SE_REDUCTION, c)
         self.relu = nn.ReLU()
         self.gate = nn.Hardswish()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast or self.stride == 1 or torch.onnx.is_in_onnx_export():
+            return self.forward_reference(x)
+        b, c = x.shape[:2]
+        g = self._gate(x)                                               # (B, C)
+        return x[:, :, ::self.stride, ::self.stride] * g.reshape(b, c, 1, 1)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        out = x * self._gate(x).reshape(b, c, 1, 1)
+        return out[:, :, ::self.stride, ::self.stride] if self.stride > 1 else out
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         squeezed = x.reshape(b, c, -1).mean(dim=2)                      # (B, C)
-        g = self.gate(self.fc2(self.relu(self.fc1(squeezed))))          # (B, C)
-        out = x * g.reshape(b, c, 1, 1)
-        return out[:, :, ::self.stride, ::self.stride] if self.stride > 1 else out
+        return self.gate(self.fc2(self.relu(self.fc1(squeezed))))      # (B, C)
 
 
 class Transformer(nn.Module):
@@ -158,15 +200,22 @@ class Transformer(nn.Module):
 
     ``y = x + W_out · MSA(LN1(x))``; ``out = y + FFN(LN2(y))`` with 8 heads, a bias-free qkv
     projection and an FFN of width ``dim`` with GELU. Shapes: ``(B, C, H, W) -> (B, C, H', W')``,
-    ``H' = H / stride``.
+    ``H' = ceil(H / stride)``.
+
+    With ``fast`` (the default) attention is ``F.scaled_dot_product_attention`` (no ``(T, T)``
+    matrix is kept for backward; except for short sequences under CPU bf16 autocast, see
+    :data:`SDPA_MIN_TOKENS_CPU_BF16`) and a strided block computes attention, residual and FFN
+    only for the ``T' = H' W'`` pixels it keeps; keys and values still come from every pixel. Cost
+    of the attention: ``O(T' T d)`` instead of ``O(T² d)``.
     """
 
-    def __init__(self, dim: int, stride: int = 1, heads: int = MSA_HEADS) -> None:
+    def __init__(self, dim: int, stride: int = 1, heads: int = MSA_HEADS, fast: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"Expected dim divisible by {heads} heads (got {dim})")
         self.stride = stride
         self.heads = heads
+        self.fast = fast
         self.ln1 = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
@@ -174,6 +223,29 @@ class Transformer(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast or torch.onnx.is_in_onnx_export():
+            return self.forward_reference(x)
+        b, c, h, w = x.shape
+        s = self.stride
+        t = x.reshape(b, c, h * w).transpose(1, 2)                      # (B, T, C)
+        q, k, v = self.to_qkv(self.ln1(t)).chunk(3, dim=-1)            # 3 x (B, T, C)
+        h2, w2 = -(-h // s), -(-w // s)
+        if s > 1:  # only the kept pixels' queries (and residuals) are needed
+            q, t = (z.reshape(b, h, w, c)[:, ::s, ::s].reshape(b, h2 * w2, c) for z in (q, t))  # (B, T', C)
+        d = c // self.heads
+        q, k, v = (z.reshape(b, -1, self.heads, d).transpose(1, 2) for z in (q, k, v))  # (B, h, T|T', d)
+        if _sdpa_pays(q, h * w):
+            y = F.scaled_dot_product_attention(q, k, v)                 # (B, h, T', d), scale d^-0.5
+        else:
+            y = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1) @ v  # (B, h, T', d)
+        y = y.transpose(1, 2).reshape(b, h2 * w2, c)                    # (B, T', C)
+        y = self.to_out(y) + t
+        y = self.ff(self.ln2(y)) + y
+        return y.transpose(1, 2).reshape(b, c, h2, w2)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference computation (what ONNX export traces): the full ``(T, T)`` attention
+        matrix, every pixel through residual and FFN, then subsampling."""
         b, c, h, w = x.shape
         t = x.reshape(b, c, h * w).transpose(1, 2)                      # (B, T, C)
         q, k, v = self.to_qkv(self.ln1(t)).chunk(3, dim=-1)            # 3 x (B, T, C)
@@ -185,6 +257,28 @@ class Transformer(nn.Module):
         y = self.ff(self.ln2(y)) + y
         out = y.transpose(1, 2).reshape(b, c, h, w)
         return out[:, :, ::self.stride, ::self.stride] if self.stride > 1 else out
+
+
+#: Under CPU bf16 autocast, sequences shorter than this attend faster through the materialised
+#: ``(T', T)`` matrix than through ``scaled_dot_product_attention`` (one thread, 64 images, fwd +
+#: bwd of a block: 11×11 tokens, C 32: 57 ms vs 199 ms; 16×16, C 64: 546 ms vs 380 ms; 32×32:
+#: 5.6 s vs 3.0 s). In fp32 and on GPUs SDPA is faster at every size measured.
+SDPA_MIN_TOKENS_CPU_BF16 = 256
+
+
+def _sdpa_pays(q: torch.Tensor, tokens: int) -> bool:
+    cpu_bf16 = (q.device.type == "cpu" and q.dtype == torch.bfloat16) or (
+        q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return not cpu_bf16 or tokens >= SDPA_MIN_TOKENS_CPU_BF16
+
+
+def set_fast_ops(net: nn.Module, fast: bool) -> int:
+    """Switch every ``msa`` / ``cse`` block of ``net`` to the fast (True) or the reference forward;
+    returns how many blocks it set."""
+    blocks = [m for m in net.modules() if isinstance(m, (Transformer, ChannelSE))]
+    for m in blocks:
+        m.fast = fast
+    return len(blocks)
 
 
 class PosEnc(nn.Module):

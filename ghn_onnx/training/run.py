@@ -74,11 +74,18 @@ def train(out_dir: str | os.PathLike, data: str | os.PathLike | None, cfg: Train
         if start.config != ghn.config:
             raise CheckpointError(f"{init}: configuration {start.config} differs from the run's {ghn.config}")
         ghn.load_state_dict(start.state_dict())
-    pool = ArchPool(TrainingStream(cfg.seed), add_every=add_every)
+    # Networks built on the meta device cost no memory and no initialisation: the GHN supplies
+    # every parameter (the trainer checks that it does).
+    net_device = "meta" if cfg.meta_nets else None
+    pool = ArchPool(TrainingStream(cfg.seed), add_every=add_every, device=net_device)
     trainer = Trainer(ghn, cfg, train_set, pool, out_dir, device=device)
     if resume and (out_dir / "trainer.json").is_file():
         state = trainer.load()
-        trainer.nets = ArchPool.from_state(state["nets"])
+        trainer.nets = ArchPool.from_state(state["nets"], device=net_device)
+        if distributed and trainer.nets.add_every is None:
+            # A single-process run adds architectures by timing, which ranks would not agree on.
+            trainer.nets.add_every = add_every
+            trainer.changes.append({"step": trainer.step, "add_every": [None, add_every]})
     evaluate = make_validator(val_set, val_nets, val_images) if cfg.eval_every else None
     trainer.fit(evaluate=evaluate, progress=progress)
     if distributed:
