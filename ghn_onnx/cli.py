@@ -30,6 +30,11 @@ EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 an output could not be written (e.g. mat
                    "path that is a device, FIFO, folder or the input).")
 
 
+CHECKPOINT_HELP = ("GHN checkpoint: a name from `ghn-onnx checkpoints` (fetched into the cache and converted on "
+                   "first use; GHN_ONNX_OFFLINE=1 keeps downloads off) or a .safetensors file. Default: the "
+                   "checkpoint shipped with the package.")
+
+
 class InputError(click.ClickException):
     """A user error about the input: printed as one line, exit code 2 (like click's usage errors)."""
 
@@ -215,8 +220,8 @@ def _check_device(device: str) -> str:
               help="Output file (one input only).")
 @click.option("-O", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: each input is written there under its own name.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="GHN checkpoint (.safetensors). Default: the checkpoint shipped with the package.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="NAME|FILE",
+              help=CHECKPOINT_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the GHN runs.")
 @click.option("--calibrate", "calibrate_data", type=click.Path(path_type=Path), default=None,
@@ -356,6 +361,21 @@ def convert_checkpoint(source, output, num_classes, spatial, hid) -> None:
         raise _user_error(exc) from None
     click.echo(f"wrote {output} ({found.describe()}, {sum(p.numel() for p in ghn.parameters()):,} parameters, "
                f"{ghn.config})")
+
+
+@main.command("checkpoints", epilog=EXIT_CODES_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON instead of a table.")
+def checkpoints_command(as_json: bool) -> None:
+    """List the named GHN checkpoints that --checkpoint NAME takes: the shipped one and the public
+    ones (family, data set, size, licence, source, sha256 where known, whether it is cached).
+
+    A name not cached yet is downloaded, checked and converted into the cache
+    ($GHN_ONNX_HOME/checkpoints/NAME.safetensors) the first time a command uses it. Nothing is
+    downloaded here."""
+    from ghn_onnx.ghn.registry import format_listing, listing
+
+    rows = listing()
+    click.echo(json.dumps(rows, indent=2) if as_json else format_listing(rows))
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -526,8 +546,8 @@ def _eval_models(value: str) -> tuple[str, ...]:
 
 
 @main.command("eval", epilog=EXIT_CODES_HELP)
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="GHN checkpoint (.safetensors). Default: the checkpoint shipped with the package.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="NAME|FILE",
+              help=CHECKPOINT_HELP)
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="CIFAR-10: image folder / .zip (train/<class>/*.jpg) or cifar-10-batches-py. Default: download.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -34,8 +35,8 @@ import torch
 
 from ghn_onnx.bn.calibration import CalibrationSet, calibrate_bn, calibration_set, calibration_targets
 from ghn_onnx.convert import convert
-from ghn_onnx.errors import CheckpointError, GhnOnnxError
-from ghn_onnx.ghn import checkpoint
+from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.ghn import checkpoint, registry
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
@@ -145,34 +146,29 @@ class Prediction:
 # -- the GHN -------------------------------------------------------------------------------------
 
 def resolve_checkpoint(name_or_path: str | os.PathLike | None = None) -> Path:
-    """The checkpoint file: the shipped one for ``None`` or its name (``"ghn2_cifar10"``), else
-    ``name_or_path`` itself."""
-    shipped = checkpoint.default_checkpoint()
-    if name_or_path is None:
-        if shipped is None:
-            raise CheckpointError("no trained checkpoint ships with this version yet: pass a checkpoint "
-                                  "(--checkpoint GHN.safetensors; see `ghn-onnx train` and "
-                                  "`ghn-onnx convert-checkpoint`)")
-        return shipped
-    path = Path(name_or_path)
-    if shipped is not None and not path.exists() and path.name == str(name_or_path):
-        named = shipped.parent / f"{path.name}.safetensors"
-        if named.is_file():
-            return named
-    return path
+    """The checkpoint file: the shipped one for ``None``, a named one from the cache (downloaded
+    and converted on first use, :func:`~ghn_onnx.ghn.registry.resolve`), else the path itself."""
+    return registry.resolve(name_or_path, log=_stderr)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def load_ghn(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> GHN:
     """A GHN from a checkpoint, ready to predict.
 
     Args:
-        name_or_path: ``None`` for the checkpoint shipped with the package, the name of a shipped
-            checkpoint, or a ``.safetensors`` file (``ghn-onnx train`` / ``convert-checkpoint``).
+        name_or_path: ``None`` for the checkpoint shipped with the package, a name from
+            ``ghn-onnx checkpoints`` (:data:`~ghn_onnx.ghn.registry.REGISTRY`: fetched into the
+            cache on first use unless ``GHN_ONNX_OFFLINE=1``), or a ``.safetensors`` file
+            (``ghn-onnx train`` / ``convert-checkpoint``).
         device: ``"cpu"`` or ``"cuda"``.
 
     Raises:
-        CheckpointError: no such file, not a ghn-onnx checkpoint, keys or shapes that do not
-            match its configuration. GhnOnnxError: no CUDA device for ``device="cuda"``.
+        CheckpointError: no such file or name, not a ghn-onnx checkpoint, keys or shapes that
+            do not match its configuration; a name not cached while offline, or whose download
+            fails or does not check out. GhnOnnxError: no CUDA device for ``device="cuda"``.
 
     >>> load_ghn().config.hid
     32

@@ -77,7 +77,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GHN:
             check_declared(declared, config, str(path))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({first_line(exc)})") from None
     except MemoryError:
         raise CheckpointError(f"{path}: not enough memory to read it") from None
     return from_state_dict(tensors, config, str(path)).to(device)
@@ -96,7 +96,7 @@ def _config_of(text: str, path: Path) -> GHNConfig:
     try:
         return GHNConfig.from_dict(json.loads(text))
     except (json.JSONDecodeError, TypeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: unreadable config ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: unreadable config ({first_line(exc)})") from None
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
@@ -178,7 +178,7 @@ def load_reference(path: str | os.PathLike, config: GHNConfig | None = None) -> 
             warnings.simplefilter("ignore")
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or unsafe files
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({first_line(exc)})") from None
     if not isinstance(blob, dict) or "state_dict" not in blob:
         raise CheckpointError(f"{path}: expected a ppuda checkpoint with 'state_dict' and 'config'")
     if config is None:
@@ -217,7 +217,7 @@ def _read_npz(path: Path, config: GHNConfig) -> dict[str, torch.Tensor]:
         raise
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError,
             NotImplementedError) as exc:
-        raise CheckpointError(f"{path}: not a readable .npz ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable .npz ({first_line(exc)})") from None
     except MemoryError:
         raise CheckpointError(f"{path}: not enough memory to read it") from None
 
@@ -237,7 +237,7 @@ def _npy_header(f, path: Path, member: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(int(d) for d in shape), dtype
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:160] if lines else type(exc).__name__
 
