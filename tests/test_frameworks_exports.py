@@ -214,6 +214,63 @@ def test_legacy_constant_folding_gives_anonymous_folded_convs():
     convs = [n for n in g.nodes if n.primitive is Primitive.CONV and len(n.shape) == 4]
     assert all(n.name.startswith("onnx::Conv_") for n in convs)
     assert "every convolution has a bias" in next(w for w in g.warnings if "BN appears folded" in w)
+    assert "'onnx::Conv_41'" in g.warnings[0] and "a guess" in g.warnings[0]  # says what it rests on
+
+
+def _vgg_style(bn: bool):
+    import torch.nn as nn
+
+    norm = (lambda c: [nn.BatchNorm2d(c)]) if bn else (lambda c: [])
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *norm(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), *norm(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(16 * 8 * 8, 10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, exporter", [("squeezenet1_1", "torchscript"), ("squeezenet1_1", "torchscript_folding"),
+                                            ("vgg_style", "torchscript"), ("vgg_style", "torchscript_folding"),
+                                            ("vgg_style", "dynamo")])  # dynamo keeps names; its fold is on record
+def test_networks_that_never_had_bn_are_not_called_folded(arch, exporter, tmp_path):
+    """Every conv biased and no norm is what a fold leaves, and also what SqueezeNet and VGG are:
+    only exporter-made weight names (a fold writes new tensors) tip it to "folded"."""
+    import io
+    import warnings
+
+    import torch
+    import torchvision
+
+    net = (torchvision.models.squeezenet1_1(num_classes=10) if arch == "squeezenet1_1" else _vgg_style(False)).eval()
+    x = (torch.zeros(1, 3, 32, 32),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(net, x, str(tmp_path / "m.onnx"), dynamo=True, verbose=False)
+            model = onnx.load(tmp_path / "m.onnx")
+        else:
+            f = io.BytesIO()
+            torch.onnx.export(net, x, f, dynamo=False, do_constant_folding=exporter == "torchscript_folding",
+                              opset_version=17)
+            model = onnx.load_from_string(f.getvalue())
+    g = convert(model, name=arch)
+    assert g.info["bn_folded"] is False and not any("BN appears folded" in w for w in g.warnings)
+    assert all(n.primitive is not Primitive.BN for n in g.nodes)
+
+
+@pytest.mark.slow
+def test_a_vgg_with_bn_folded_by_constant_folding_is_still_called_folded():
+    import io
+    import warnings
+
+    import torch
+
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_vgg_style(True).eval(), (torch.zeros(1, 3, 32, 32),), f, dynamo=False,
+                          do_constant_folding=True, opset_version=17)
+    g = convert(onnx.load_from_string(f.getvalue()), name="vgg_bn_folded")
+    assert g.info["bn_folded"] is True
+    assert "2 of 2 conv weights are tensors the exporter made" in g.warnings[0]
 
 
 def test_layer_scale_is_listed_as_unsupported_not_guessed():

@@ -204,7 +204,10 @@ def bn_folding_evidence(graph: Graph, model: onnx.ModelProto) -> str | None:
 
     The exporter's own record counts even when other BatchNorms were kept (Keras via tf2onnx
     folds a BN into a bias-free conv before it, but keeps one after a biased conv or a Dense as
-    ``Mul`` + ``Add``); the structural guess only when the graph has no normalisation at all.
+    ``Mul`` + ``Add``); the structural guess only when the graph has no normalisation at all, and
+    only when conv weights carry names the exporter made up: a fold writes new tensors, named by
+    the exporter (``onnx::Conv_41``), while a network built without BN (SqueezeNet, VGG) keeps
+    its parameters' own names, constant folding or not.
     """
     fused = sum(1 for node in model.graph.node for prop in node.metadata_props if "FuseBatchNorm" in prop.value)
     if fused:
@@ -217,9 +220,19 @@ def bn_folding_evidence(graph: Graph, model: onnx.ModelProto) -> str | None:
         return None
     convs = [i for i, n in enumerate(graph.nodes) if n.primitive in WEIGHT_PRIMITIVES and n.shape and len(n.shape) == 4]
     biased = [i for i in convs if i + 1 < len(graph.nodes) and graph.nodes[i + 1].primitive is Primitive.BIAS]
-    if len(convs) >= 2 and len(biased) == len(convs):
-        return "every convolution has a bias and there is no normalisation layer"
+    made = [graph.nodes[i].params[0].tensor for i in convs
+            if graph.nodes[i].params and _exporter_made_name(graph.nodes[i].params[0].tensor)]
+    if len(convs) >= 2 and len(biased) == len(convs) and made:
+        return (f"every convolution has a bias, there is no normalisation layer, and {len(made)} of {len(convs)} "
+                f"conv weights are tensors the exporter made, e.g. {made[0]!r}: a guess, from the structure only")
     return None
+
+
+def _exporter_made_name(name: str) -> bool:
+    """A tensor an exporter computed and named itself, as its constant folding names a conv weight
+    it folded a BatchNorm into: the TorchScript exporter's ``onnx::Conv_41``, tf2onnx's
+    ``const_fold_opt__600``."""
+    return name.startswith(("onnx::", "const_fold_opt__"))
 
 
 def _folded_bn_name(name: str) -> bool:
