@@ -43,7 +43,8 @@ from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.onnx_io.storage import untie_aliases
 from ghn_onnx.writeback.unfold import fold_back, folded_convs, is_virtual, unfolded_graph, with_explicit_bn
-from ghn_onnx.writeback.write import resolve_shared, save_model, write_predictions
+from ghn_onnx.writeback.write import (PredictedModel, predicted_model, resolve_shared, save_model, save_predicted,
+                                      write_predictions)
 
 # Graphs decoded together in one GHN call; bounds memory when predicting many files.
 MAX_NODES_PER_CALL = 20_000
@@ -73,6 +74,10 @@ class PredictOptions:
             given is; a GHN given on another device is an error.
         metadata: extra ``ghn_onnx.*`` metadata written into each output (string values).
         reference: the sequential reference propagation (benchmarks and tests).
+        reserialize: :func:`predict_files` writes each output by serialising the whole model, not
+            by splicing the predicted values into its serialised skeleton
+            (:func:`~ghn_onnx.writeback.write.save_predicted`); the same file, slower (benchmarks
+            and tests).
     """
 
     calibrate: str | os.PathLike | None = None
@@ -86,6 +91,7 @@ class PredictOptions:
     device: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
     reference: bool = False
+    reserialize: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
@@ -266,12 +272,19 @@ def _predict_batch(models: Sequence[onnx.ModelProto], ghn: GHN, names: Sequence[
                    metadata: Mapping[str, str]) -> list[Prediction]:
     """Every model predicted, BN statistics not calibrated yet (see :func:`_calibrate`)."""
     prepared = [prepare(m, n, ghn.config.rules) for m, n in zip(models, names)]
-    return _predict_prepared(prepared, ghn, names, options, metadata)
+    results = _predict_prepared(prepared, ghn, names, options, metadata)
+    for _, held in results:
+        if held is not None:
+            held.fill()  # the prediction's model is held.model
+    return [pred for pred, _ in results]
 
 
 def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GHN, names: Sequence[str],
-                      options: PredictOptions, metadata: Mapping[str, str]) -> list[Prediction]:
-    """:func:`_predict_batch` for models already through :func:`prepare`."""
+                      options: PredictOptions, metadata: Mapping[str, str]
+                      ) -> list[tuple[Prediction, PredictedModel | None]]:
+    """:func:`_predict_batch` for models already through :func:`prepare`, the predicted values
+    held aside where the model is written with them as they are (``pred.model`` is
+    ``held.model``, complete once ``held.fill()`` ran); None for unfolded models."""
     folded = [options.unfold_bn and is_bn_folded(m, g) for m, g in prepared]
     params = iter(predict_graphs(ghn, [g for (_, g), f in zip(prepared, folded) if not f], options.reference))
     results = []
@@ -280,18 +293,18 @@ def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GH
             data = options.calibration_set(model) if options.calibrate is not None else None
             pred = predict_unfolded(model, graph, ghn, data and data.batches, metadata, options.reference)
             notes = data.notes if data else []
-            results.append(dataclasses.replace(pred, name=name, warnings=pred.warnings + notes))
+            results.append((dataclasses.replace(pred, name=name, warnings=pred.warnings + notes), None))
             continue
         pred = next(params)
         status = bn_status(graph)
         owners = resolve_shared(graph)
         pred = {k: v for k, v in pred.items() if k in owners}
-        out = write_predictions(model, graph, pred, metadata={**metadata, "bn": status})
-        results.append(Prediction(
-            name=name, model=out, graph=graph, predicted_tensors=len(pred),
+        held = predicted_model(model, graph, pred, metadata={**metadata, "bn": status})
+        results.append((Prediction(
+            name=name, model=held.model, graph=graph, predicted_tensors=len(pred),
             predicted_elements=int(sum(v.size for v in pred.values())), bn_status=status,
             warnings=list(graph.warnings),
-        ))
+        ), held))
     return results
 
 
@@ -412,11 +425,16 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
     preds = _predict_prepared(prepared, ghn, [Path(src).name for src, _ in jobs], options, metadata)
     share = (time.perf_counter() - t0) / max(len(preds), 1)
     written = []
-    for pred, (src, dst) in progress(list(zip(preds, jobs))):
+    for (pred, held), (src, dst) in progress(list(zip(preds, jobs))):
         t1 = time.perf_counter()
         try:
-            _calibrate(pred, options)
-            save_model(pred.model, dst, source_path=src)
+            if held is not None and options.calibrate is None:  # written without re-serialising
+                save_predicted(held, dst, source_path=src, reserialize=options.reserialize)
+            else:
+                if held is not None:
+                    held.fill()
+                _calibrate(pred, options)
+                save_model(pred.model, dst, source_path=src)
         except GhnOnnxError as exc:
             if on_error is None:
                 raise

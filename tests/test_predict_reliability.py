@@ -63,7 +63,8 @@ def test_interrupted_write_leaves_no_partial_output(parity_dir, ghn, tmp_path, m
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous result")
 
-    def boom(path, data):  # interrupted half way through the write
+    def boom(path, data):  # interrupted half way through the write (data: bytes, or pieces of them)
+        data = data if isinstance(data, bytes) else b"".join(data)
         Path(path).write_bytes(data[: len(data) // 2])
         raise KeyboardInterrupt
 

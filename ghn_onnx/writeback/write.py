@@ -3,7 +3,9 @@
 :func:`write_predictions` puts canonical-form predictions back into the tensors they were read
 from (inverting each :class:`~ghn_onnx.graph.graph.Layout`, casting to the stored dtype) and stamps
 ``ghn_onnx.*`` metadata; :func:`save_model` writes the result atomically, with external data when
-the model needs it.
+the model needs it. :func:`predicted_model` and :func:`save_predicted` do the same in two steps,
+the predicted values held aside, so that the file is written without serialising them
+(:mod:`ghn_onnx.writeback.raw`): ``predict_files``'s route.
 
 Shared tensors: when several :class:`~ghn_onnx.graph.graph.ParamRef` point at one stored tensor (tied
 weights), the first one in ``graph.nodes`` order (topological order) owns it: its canonical shape
@@ -23,8 +25,9 @@ import shutil
 import stat
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -32,8 +35,10 @@ import onnx
 from ghn_onnx.errors import GhnOnnxError, OutputError
 from ghn_onnx.graph.graph import Graph, ParamRef
 from ghn_onnx.onnx_io.files import check_output_file, read_regular_file
-from ghn_onnx.onnx_io.storage import DATA_FIELDS, cast_to_stored, set_tensor_values, stored_tensors, tensor_nbytes
+from ghn_onnx.onnx_io.storage import (DATA_FIELDS, cast_to_stored, np_dtype, set_tensor_values, stored_tensors,
+                                      tensor_nbytes)
 from ghn_onnx.version import __version__
+from ghn_onnx.writeback import raw
 
 METADATA_PREFIX = "ghn_onnx."
 # Keys this module writes itself; a caller's metadata may not override them.
@@ -57,9 +62,32 @@ def resolve_shared(graph: Graph) -> dict[str, ParamRef]:
     return owners
 
 
+@dataclass
+class PredictedModel:
+    """A predicted model with the predicted tensors' values held aside, so that it can be written
+    without serialising them (:func:`save_predicted`).
+
+    Attributes:
+        model: the output model, except that the tensors named in ``data`` hold no values yet.
+        data: stored tensor name → its values (the tensor's dims and numpy dtype), in graph order.
+    """
+
+    model: onnx.ModelProto
+    data: dict[str, np.ndarray]
+
+    def fill(self) -> onnx.ModelProto:
+        """Put the values into ``model`` (once) and return it: what :func:`write_predictions` returns."""
+        stored = stored_tensors(self.model)
+        for name, values in self.data.items():
+            set_tensor_values(stored[name], values)
+        self.data = {}
+        return self.model
+
+
 def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping[str, np.ndarray], *,
                       metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` with the predicted tensors replaced and ``ghn_onnx.*`` metadata set.
+    """A copy of ``model`` with the predicted tensors replaced and ``ghn_onnx.*`` metadata set:
+    ``predicted_model(...).fill()``.
 
     Args:
         model: the model ``graph`` was converted from (not modified).
@@ -80,6 +108,13 @@ def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping
         GhnOnnxError: unknown tensor name, wrong canonical shape, non-finite values, or values
             that overflow the stored dtype.
     """
+    return predicted_model(model, graph, predictions, metadata=metadata).fill()
+
+
+def predicted_model(model: onnx.ModelProto, graph: Graph, predictions: Mapping[str, np.ndarray], *,
+                    metadata: Mapping[str, str] | None = None) -> PredictedModel:
+    """:func:`write_predictions` with the values held aside (:class:`PredictedModel`); the same
+    arguments, checks and errors (a wrong stored shape or dtype: when filled)."""
     owners = resolve_shared(graph)
     unknown = sorted(set(predictions) - set(owners))
     if unknown:
@@ -89,15 +124,15 @@ def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping
 
     out = _copy_without_data(model, set(predictions))
     stored = stored_tensors(out)
-    written: list[str] = []
+    data: dict[str, np.ndarray] = {}
     for name, ref in owners.items():  # graph order: deterministic metadata
         if name not in predictions:
             continue
         if name not in stored:
             raise GhnOnnxError(f"{name!r}: not an initializer or Constant of this model "
                                "(was the graph converted from another model?)")
-        set_tensor_values(stored[name], _to_stored(ref, predictions[name]))
-        written.append(name)
+        data[name] = _to_stored(ref, predictions[name])
+    written = list(data)
 
     _set_metadata(out, {
         **extra,
@@ -105,7 +140,7 @@ def write_predictions(model: onnx.ModelProto, graph: Graph, predictions: Mapping
         "ghn_onnx.predicted_tensors": json.dumps({"count": len(written), "names": written},
                                                  separators=(",", ":")),
     })
-    return out
+    return PredictedModel(out, data)
 
 
 def _copy_without_data(model: onnx.ModelProto, replaced: set[str]) -> onnx.ModelProto:
@@ -204,11 +239,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         GhnOnnxError: an output path that may not be written (see above).
         OutputError: the file system refused the write (permissions, read-only, full).
     """
-    out = Path(path)
-    protected = [] if source_path is None else [Path(source_path)]
-    if protected and os.path.lexists(out):  # only an existing file can be one of the source's data files
-        protected += _external_data_files(protected[0])
-    check_output_file(out, protected)
+    out, protected = _checked_output(path, source_path)
     _refuse_unloaded_external_data(model)
     serialized = None
     if external_data is None:
@@ -220,8 +251,68 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from None
 
 
-def _save(model: onnx.ModelProto, out: Path, serialized: bytes | None, external_data: bool,
-          protected: list[Path]) -> Path:
+def save_predicted(pred: PredictedModel, path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
+                   reserialize: bool = False) -> Path:
+    """``save_model(pred.fill(), path, source_path=source_path)``: the same file, checks, errors
+    and atomic write, but without serialising the predicted tensors where that is possible
+    (:mod:`ghn_onnx.writeback.raw`): every predicted tensor is an initializer of the main graph
+    whose values have its dims and dtype, the host is little-endian, and the file stays under
+    protobuf's 2 GB (no external data). Otherwise, or with ``reserialize``, it is
+    ``save_model``. ``pred`` is filled either way.
+    """
+    pieces = None if reserialize else _raw_pieces(pred)
+    if pieces is None:
+        return save_model(pred.fill(), path, source_path=source_path)
+    out, protected = _checked_output(path, source_path)
+    try:
+        _save(pred.model, out, pieces, False, protected)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    pred.fill()
+    return out
+
+
+def _raw_pieces(pred: PredictedModel) -> list[bytes | memoryview] | None:
+    """The output file's bytes as pieces (the skeleton's and the arrays' own memory), or None
+    where :func:`save_predicted` must serialise (see there)."""
+    if sys.byteorder != "little" or not pred.data:  # raw_data is little-endian; nothing to gain
+        return None
+    _refuse_unloaded_external_data(pred.model)
+    tensors = pred.model.graph.initializer
+    index = {t.name: i for i, t in enumerate(tensors)}
+    if len(index) != len(tensors):  # duplicate names: leave which one is meant to the one rule
+        return None
+    data = {}
+    for name, values in pred.data.items():
+        i = index.get(name)
+        if i is None:  # a Constant node's value, inside a node
+            return None
+        t = tensors[i]
+        if values.dtype != np_dtype(t.data_type) or values.shape != tuple(t.dims):
+            return None  # set_tensor_values says what is wrong
+        data[i] = memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+    try:
+        skeleton = pred.model.SerializeToString()
+        pieces = raw.with_raw_data(skeleton, data)
+    except Exception:  # noqa: BLE001 - over protobuf's limit (its error types vary), or a WireError
+        return None
+    if sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces) >= MAX_PROTOBUF_BYTES:
+        return None  # external data
+    return pieces
+
+
+def _checked_output(path: str | os.PathLike, source_path: str | os.PathLike | None) -> tuple[Path, list[Path]]:
+    """The output path, checked (see :func:`save_model`), and the input files it must not be."""
+    out = Path(path)
+    protected = [] if source_path is None else [Path(source_path)]
+    if protected and os.path.lexists(out):  # only an existing file can be one of the source's data files
+        protected += _external_data_files(protected[0])
+    check_output_file(out, protected)
+    return out, protected
+
+
+def _save(model: onnx.ModelProto, out: Path, serialized: bytes | Sequence[bytes | memoryview] | None,
+          external_data: bool, protected: list[Path]) -> Path:
     old_data = _old_data_files(out, protected)  # before the commit: what the old model reads
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     data_name: str | None = None
@@ -366,9 +457,13 @@ def _serialized_if_small(model: onnx.ModelProto) -> bytes | None:
     return data if len(data) < MAX_PROTOBUF_BYTES else None
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _write_bytes(path: Path, data: bytes | Sequence[bytes | memoryview]) -> None:
+    """Write ``data``, or the concatenation of its pieces, to ``path``."""
     with open(path, "wb") as f:
-        f.write(data)
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            f.writelines(data)
 
 
 def _fsync(path: Path) -> None:
