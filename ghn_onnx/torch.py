@@ -173,7 +173,8 @@ def export(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch
     """``module`` as the GHN reads it: a float32 CPU copy in eval mode through the TorchScript
     exporter, BN kept, no constant folding, opset 17, inputs ``input`` (or ``input_0``, ...)
     with a dynamic batch dimension. Initializer names are the parameter names; equal tensors
-    merged by the exporter come back as ``Identity`` aliases named after their parameters."""
+    merged by the exporter come back as ``Identity`` aliases named after their parameters. A
+    LayerNorm built without a bias reads no bias (:func:`drop_constant_norm_biases`)."""
     args = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise GhnOnnxError(f"Expected example_input as a tensor or a tuple of tensors (got {type(example_input)})")
@@ -190,7 +191,36 @@ def export(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch
     except Exception as exc:  # the exporter raises many types; all mean "this module cannot be exported"
         raise GhnOnnxError(f"{type(module).__name__}: the TorchScript ONNX exporter failed: "
                            f"{' '.join(str(exc).split())[:300]}") from None
-    return onnx.load_from_string(f.getvalue())
+    model = onnx.load_from_string(f.getvalue())
+    return drop_constant_norm_biases(model, {n for n, _ in module.named_parameters(remove_duplicate=False)})
+
+
+def drop_constant_norm_biases(model: onnx.ModelProto, parameters: set[str]) -> onnx.ModelProto:
+    """``model`` without the zero bias the exporter writes for a LayerNorm that has none
+    (``nn.LayerNorm(bias=False)``, timm's ``LayerNorm2dNoBias``), in place.
+
+    ``LayerNormalization``'s bias input is optional and an absent one adds nothing, so dropping a
+    stored all-zero bias that is none of ``parameters`` computes the same; left in, the GHN would
+    predict a bias the module has no parameter for.
+    """
+    stored = stored_tensors(model)
+    dropped = set()
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization" or len(node.input) < 3 or node.input[2] in parameters:
+            continue
+        bias = stored.get(node.input[2])
+        if bias is not None and not numpy_helper.to_array(bias).any():
+            dropped.add(node.input[2])
+            del node.input[2]
+    still_read = {x for node in model.graph.node for x in node.input} | {o.name for o in model.graph.output}
+    orphans = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in dropped - still_read]
+    for n in orphans:
+        model.graph.node.remove(n)
+    kept = [t for t in model.graph.initializer if t.name not in dropped - still_read]
+    if len(kept) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return model
 
 
 def match_parameters(model: onnx.ModelProto, module: torch.nn.Module, tensors: Iterable[str]) -> list[Match]:
