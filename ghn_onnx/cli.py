@@ -120,8 +120,11 @@ def main() -> None:
               help="Also draw the GHN graph to this PNG file (needs the 'viz' extra).")
 @click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the GHN graph to this SVG file (needs the 'viz' extra).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="NAME|FILE",
+              help="The GHN whose class count the classifier is compared with (a name is not downloaded: its "
+                   "configuration is in the registry). Default: the checkpoint shipped with the package.")
 @quiet_failure
-def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None) -> None:
+def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None, checkpoint: Path | None) -> None:
     """Show the GHN graph of MODEL.onnx and how much of the model a GHN would predict.
 
     Reports the node count per primitive, nodes, one-hop edges and edges once virtual edges are
@@ -131,7 +134,9 @@ def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None) -> N
     elements among stored float elements with statistics excluded, and among all of them.
 
     Identity aliases that an exporter made of equal initializers count as tensors of their own,
-    as prediction writes them. The model file is only read.
+    as prediction writes them. The classifier is reported with how the GHN fills it: a head whose
+    out-features are not the GHN's class count gets the GHN's class rows, sliced or tiled. The
+    model file is only read.
     """
     # Imported here, not at the top, so that --help and --version answer without loading onnx.
     from ghn_onnx.report.inspection import format_report, inspect_model
@@ -141,10 +146,14 @@ def inspect(model: Path, as_json: bool, png: Path | None, svg: Path | None) -> N
         if path.resolve() == model.resolve():
             raise InputError(f"{path}: refusing to draw over the input model")
         _check_output(path, model)
+    from ghn_onnx.ghn.registry import config_of
+
     try:
+        classes = config_of(checkpoint).num_classes
         report, graph = inspect_model(model)
     except GhnOnnxError as exc:
         raise _user_error(exc) from None
+    report = report.for_classes(classes)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

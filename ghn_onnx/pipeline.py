@@ -37,6 +37,7 @@ from ghn_onnx.bn.calibration import CalibrationSet, calibrate_bn, calibration_se
 from ghn_onnx.convert import convert
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn import checkpoint, registry
+from ghn_onnx.ghn.decode.rules import classifier_head
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
@@ -289,9 +290,10 @@ def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GH
     params = iter(predict_graphs(ghn, [g for (_, g), f in zip(prepared, folded) if not f], options.reference))
     results = []
     for (model, graph), name, fold in zip(prepared, names, folded):
+        metadata_of = {**metadata, **_classifier_rule(graph, ghn)}
         if fold:
             data = options.calibration_set(model) if options.calibrate is not None else None
-            pred = predict_unfolded(model, graph, ghn, data and data.batches, metadata, options.reference)
+            pred = predict_unfolded(model, graph, ghn, data and data.batches, metadata_of, options.reference)
             notes = data.notes if data else []
             results.append((dataclasses.replace(pred, name=name, warnings=pred.warnings + notes), None))
             continue
@@ -299,13 +301,26 @@ def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GH
         status = bn_status(graph)
         owners = resolve_shared(graph)
         pred = {k: v for k, v in pred.items() if k in owners}
-        held = predicted_model(model, graph, pred, metadata={**metadata, "bn": status})
+        held = predicted_model(model, graph, pred, metadata={**metadata_of, "bn": status})
         results.append((Prediction(
             name=name, model=held.model, graph=graph, predicted_tensors=len(pred),
             predicted_elements=int(sum(v.size for v in pred.values())), bn_status=status,
             warnings=list(graph.warnings),
         ), held))
     return results
+
+
+def _classifier_rule(graph: Graph, ghn: GHN) -> dict[str, str]:
+    """How ``ghn`` fills a classifier whose size is not its class count
+    (:class:`~ghn_onnx.ghn.decode.rules.ClassifierHead`): a warning on the graph (once), and the
+    output's ``ghn_onnx.classifier`` metadata."""
+    head = classifier_head(graph, ghn.config.num_classes)
+    note = head and head.note()
+    if note is None:
+        return {}
+    if note not in graph.warnings:
+        graph.warnings.append(note)
+    return head.metadata()
 
 
 def _calibrate(pred: Prediction, options: PredictOptions) -> None:

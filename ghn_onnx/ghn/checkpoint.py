@@ -83,6 +83,23 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> GHN:
     return from_state_dict(tensors, config, str(path)).to(device)
 
 
+def read_config(path: str | os.PathLike) -> GHNConfig:
+    """The configuration in a checkpoint's header, without reading its tensors (milliseconds)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_file(path, "a .safetensors checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({first_line(exc)})") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path}: not a ghn-onnx checkpoint (format {meta.get('format')!r}); "
+                              "convert reference checkpoints with `ghn-onnx convert-checkpoint`")
+    return _config_of(meta["config"], path)
+
+
 def _check_file(path: Path, what: str) -> None:
     try:
         regular_file_stat(path, CheckpointError, what)

@@ -25,7 +25,6 @@ bar, streamed into a temporary file that is hashed on the way. :func:`download_u
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import urllib.error
@@ -202,19 +201,23 @@ def resolve(name_or_path: str | os.PathLike | None = None, *, offline: bool | No
 
 def _checked(entry: NamedCheckpoint, path: Path) -> Path:
     """``path`` if its header holds ``entry``'s configuration (a file converted by hand into the
-    cache could be another GHN); read from the header alone."""
-    from safetensors import safe_open
-
+    cache could be another GHN); an unreadable file is left to :func:`checkpoint.load` to report."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("config", "{}")
-        config = GHNConfig.from_dict(json.loads(text))
-    except Exception:  # an unreadable file: checkpoint.load says what is wrong with it
+        config = checkpoint.read_config(path)
+    except CheckpointError:
         return path
     if config != entry.config:
         raise CheckpointError(f"{path}: the cached {entry.name} holds a GHN with {config}, expected "
                               f"{entry.config}: remove it, then {how_to_fetch(entry, path.parents[1])}")
     return path
+
+
+def config_of(name_or_path: str | os.PathLike | None = None) -> GHNConfig:
+    """The configuration ``name_or_path`` resolves to, without downloading anything: a name's from
+    the registry, a file's from its header (``inspect`` needs only the class count)."""
+    if name_or_path is None or os.fspath(name_or_path) in CHECKPOINTS and not Path(name_or_path).exists():
+        return CHECKPOINTS[SHIPPED if name_or_path is None else os.fspath(name_or_path)].config
+    return checkpoint.read_config(resolve(name_or_path))
 
 
 def fetch(entry: NamedCheckpoint, *, home: Path | None = None, offline: bool | None = None,

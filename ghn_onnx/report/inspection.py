@@ -14,6 +14,11 @@ exactly one group:
 
 Coverage is reported both ways: predicted elements over stored float elements *excluding
 statistics*, and over *all* stored float elements.
+
+The classifier (:class:`~ghn_onnx.ghn.decode.rules.ClassifierHead`) is reported with the rule that
+fills it: a head whose out-features are not the GHN's class count is predicted from the GHN's
+class rows, sliced or tiled (:meth:`Report.for_classes` names the GHN's count; ``ghn-onnx
+inspect`` takes it from ``--checkpoint``, default the shipped one).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -29,6 +34,7 @@ import onnx
 
 from ghn_onnx.convert import convert
 from ghn_onnx.convert.tensors import StoredTensor
+from ghn_onnx.ghn.decode.rules import ClassifierHead, classifier_head
 from ghn_onnx.graph.graph import Graph, Layout
 from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.loading import load_model
@@ -66,6 +72,13 @@ class Report:
     shared: dict[str, int]  # stored tensor -> how many parameters read it, where more than one
     warnings: list[str]
     bn_folded: bool
+    classifier: ClassifierHead | None = None  # the class head and how a GHN fills it
+
+    def for_classes(self, classes: int | None) -> "Report":
+        """This report for a GHN with ``classes`` classes (how it fills the classifier)."""
+        if self.classifier is None:
+            return self
+        return replace(self, classifier=replace(self.classifier, classes=classes))
 
     @property
     def excluding_statistics(self) -> TensorCount:
@@ -99,6 +112,7 @@ class Report:
                 "excluding_statistics": count(self.excluding_statistics),
                 "coverage_excluding_statistics": round(self.coverage_excluding_statistics, 6),
                 "coverage_of_stored_float": round(self.coverage_of_stored, 6),
+                "classifier": self.classifier.to_json() if self.classifier is not None else None,
             },
             "unsupported": {
                 op: [{"tensor": t.name, "shape": list(t.shape), "elements": t.numel} for t in tensors]
@@ -188,6 +202,7 @@ def build_report(model: onnx.ModelProto, graph: Graph, untied: Sequence[str] = (
         shared=shared,
         warnings=warnings,
         bn_folded=bool(graph.info.get("bn_folded", False)),
+        classifier=classifier_head(graph),
     )
 
 
@@ -229,12 +244,24 @@ def format_report(report: Report) -> str:
         f"           {_percent(r.coverage_of_stored)} of all stored float elements "
         f"({r.predicted.elements:,} / {r.stored_float.elements:,})",
     ]
+    lines += ["", f"classifier {_classifier_line(r.classifier)}"]
     if r.unsupported:
         lines += ["", "unsupported ops"]
         for op, tensors in r.unsupported.items():
             lines.append(f"  {op}: " + ", ".join(f"{t.name} {list(t.shape)}" for t in tensors))
     lines += ["", "warnings"] + ([f"  - {w}" for w in r.warnings] or ["  (none)"])
     return "\n".join(lines)
+
+
+def _classifier_line(head: ClassifierHead | None) -> str:
+    if head is None:
+        return "(none: the last weight is not a linear layer, no class head is used)"
+    line = f"{head.weight}{' + ' + head.bias if head.bias else ''}: {head.outputs} outputs"
+    if head.classes is None:
+        return line + "; a GHN fills them from its class rows, sliced or tiled to this count"
+    how = head.explanation()
+    line += f", GHN classes {head.classes}: {head.rule}"
+    return line + (f"\n           {how}; fine-tune the head" if how else "")
 
 
 def _count_line(label: str, c: TensorCount, note: str = "") -> str:

@@ -2,7 +2,8 @@
 one definition of each rule, used by the flat plan (:mod:`~ghn_onnx.ghn.decode.flat`) and by
 ``GHN.decode_tensors``.
 
-* :func:`classifier_nodes`: the nodes GHN-2 decodes with its class heads.
+* :func:`classifier_nodes`: the nodes GHN-2 decodes with its class heads; :func:`classifier_head`
+  says how a head whose size is not the GHN's class count is filled (:class:`ClassifierHead`).
 * :func:`decoded_taps`: the window of the ``s × s`` template a ``kh × kw`` kernel reads:
   ``min(kh, s) × min(kw, s)`` taps, from the top-left (GHN-2) or the centre (GHN-3).
 * :func:`weight_block`: the decode group of a weight: its taps, the top-left ``rows × cols``
@@ -106,6 +107,78 @@ def classifier_nodes(graph: Graph) -> tuple[int | None, int | None]:
     w = weights[-1]
     b = w + 1 if w + 1 < len(graph.nodes) and graph.nodes[w + 1].primitive is Primitive.BIAS else None
     return w, b
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """The classifier :func:`classifier_nodes` finds, and how a GHN with ``classes`` classes
+    fills its rows. The rule is the reference's (ppuda's and ghn3's ``_tile_params``), kept for
+    parity and stated here, in one place: the class heads decode ``classes`` rows, which are then
+    sliced or tiled to the layer's ``outputs`` like any other dimension (:func:`~ghn_onnx.ghn.decode.parameters.tile`):
+    output row ``r`` is class row ``r mod classes``. A head of another size is therefore predicted,
+    but its rows stand for the GHN's training classes (ImageNet's first ``outputs`` classes, or
+    repeats of all of them): :meth:`note` says so, for the warnings and the output's metadata.
+
+    Attributes:
+        weight, bias: the stored tensors (``bias`` ``None`` without one).
+        outputs: the layer's out-features.
+        classes: the GHN's ``num_classes``; ``None`` when no GHN is given (``inspect`` without one).
+    """
+
+    weight: str
+    bias: str | None
+    outputs: int
+    classes: int | None = None
+
+    @property
+    def rule(self) -> str:
+        """``"one row per class"``, ``"sliced"`` (fewer outputs than classes), ``"tiled"`` (more),
+        or ``"unknown"`` (no GHN given)."""
+        if self.classes is None:
+            return "unknown"
+        if self.outputs == self.classes:
+            return "one row per class"
+        return "sliced" if self.outputs < self.classes else "tiled"
+
+    def explanation(self) -> str | None:
+        """What the rows of a head of another size than the GHN's classes hold (``None`` otherwise)."""
+        if self.rule == "sliced":
+            return (f"its rows are the GHN's first {self.outputs} class rows (row r = class r), which stand for "
+                    "the GHN's training classes, not this model's")
+        if self.rule == "tiled":
+            return (f"its rows are the GHN's {self.classes} class rows repeated (row r = class r mod "
+                    f"{self.classes}), so rows r and r + {self.classes} start equal")
+        return None
+
+    def note(self) -> str | None:
+        """The warning for a head whose size is not the GHN's class count (``None`` otherwise)."""
+        how = self.explanation()
+        if how is None:
+            return None
+        return (f"classifier {self.weight} has {self.outputs} outputs and the GHN {self.classes} classes: {how} "
+                "(the reference implementations' rule); fine-tune the head, or use a GHN trained for "
+                f"{self.outputs} classes")
+
+    def metadata(self) -> dict[str, str]:
+        """``ghn_onnx.classifier`` metadata for a head of another size than the GHN's classes."""
+        if self.note() is None:
+            return {}
+        return {"classifier": f"{self.weight}: {self.outputs} outputs from {self.classes} GHN classes, {self.rule}"}
+
+    def to_json(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias, "outputs": self.outputs, "ghn_classes": self.classes,
+                "rule": self.rule}
+
+
+def classifier_head(graph: Graph, classes: int | None = None) -> ClassifierHead | None:
+    """The classifier of ``graph`` (:func:`classifier_nodes`) for a GHN with ``classes`` classes;
+    ``None`` when the graph has none (its last weight is not a linear layer)."""
+    w, b = classifier_nodes(graph)
+    if w is None:
+        return None
+    weight = graph.nodes[w].params[0]
+    bias = graph.nodes[b].params[0].tensor if b is not None and graph.nodes[b].params else None
+    return ClassifierHead(weight.tensor, bias, int(weight.canonical_shape[0]), classes)
 
 
 def is_weight(node: Node) -> bool:
