@@ -2,8 +2,8 @@
 
 The Python API; the ``ghn-onnx`` commands run the same code (:mod:`ghn_onnx.pipeline`):
 
-* :func:`load_ghn` ``(name_or_path=None, device="cpu") -> GHN``: the shipped checkpoint, or a
-  ``.safetensors`` file;
+* :func:`load_ghn` ``(name_or_path=None, device="cpu") -> GHN``: the shipped checkpoint, a
+  ``.safetensors`` file, or a name that ``ghn-onnx checkpoints`` lists (fetched into the cache);
 * :func:`predict` ``(model, ghn=None, options=None, **options) -> Prediction``: one model (an
   ``onnx.ModelProto`` or a path), nothing written;
 * :func:`predict_files` ``(inputs, outputs, ghn=None, options=None, **options) -> list[Prediction]``:

@@ -265,3 +265,16 @@ def test_paths_and_unknown_names(home, monkeypatch, tmp_path):
     local.write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert registry.resolve("ghn3-t") == local.relative_to(tmp_path)
+
+
+def test_an_unwritable_cache_is_exit_1(monkeypatch, tmp_path, reference_file):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GHN_ONNX_HOME", str(blocker / "home"))  # under a regular file: cannot be created
+    add_entry(monkeypatch, url=reference_file[0].as_uri())
+    no_downloads(monkeypatch)
+    res = CliRunner().invoke(main, ["predict", "tests/fixtures/frameworks/torch_cnn.onnx", "-o",
+                                    str(tmp_path / "out.onnx"), "--checkpoint", "tiny"])
+    assert res.exit_code == 1
+    assert res.output.startswith(f"Error: {blocker / 'home'}: cannot create the checkpoint cache")
+    assert "GHN_ONNX_HOME" in res.output and not (tmp_path / "out.onnx").exists()
