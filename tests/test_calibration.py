@@ -16,7 +16,9 @@ from onnx import numpy_helper
 
 from click.testing import CliRunner
 
-from ghn_onnx.bn.calibration import (CIFAR10_MEAN, CIFAR10_STD, batch_stats_model, calibrate_bn, calibration_set,
+from ghn_onnx.bn.batch_stats import statistics_model
+from ghn_onnx.bn.calibration import (CALIBRATION_MODES, CIFAR10_MEAN, CIFAR10_STD, batch_stats_model, calibrate_bn,
+                                     calibration_set,
                                      calibration_targets, data_input, input_spec, iter_batches, load_calibration_data)
 from ghn_onnx.convert import convert
 from ghn_onnx.errors import GhnOnnxError
@@ -27,7 +29,6 @@ from ghn_onnx.writeback.write import resolve_shared, write_predictions
 from writeback_models import TinyResNet, bn_model, export, randomise_bn, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-CIFAR_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg.zip"
 
 
 def calibration_batches(seed: int = 0, sizes=(8, 8, 5), shape=(3, 16, 16)) -> list[np.ndarray]:
@@ -37,20 +38,44 @@ def calibration_batches(seed: int = 0, sizes=(8, 8, 5), shape=(3, 16, 16)) -> li
     return [(rng.standard_normal((n, *shape)) * 2 + offset + 1).astype(np.float32) for n in sizes]
 
 
-def torch_calibrate(module: nn.Module, batches: list[np.ndarray]) -> nn.Module:
-    """Reference: BN by BN in module order (topological here), the exact population statistics
-    of its input over all batches, with the BNs above already calibrated."""
-    module = copy.deepcopy(module).eval()
-    for bn in [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
-        seen: list[torch.Tensor] = []
-        hook = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].double()))
-        with torch.no_grad():
-            for b in batches:
-                module(torch.from_numpy(b))
-        hook.remove()
-        x = torch.cat([s.transpose(0, 1).reshape(s.shape[1], -1) for s in seen], dim=1)  # (C, N*H*W)
+def bn_inputs(module: nn.Module, batches: list[np.ndarray]) -> dict[nn.Module, torch.Tensor]:
+    """Each BN's input over all batches as (C, N*H*W) float64, from forwards in ``module``'s mode."""
+    seen: dict[nn.Module, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, inp: seen.setdefault(m, []).append(inp[0].double()))
+             for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for b in batches:
+            module(torch.from_numpy(b))
+    for h in hooks:
+        h.remove()
+    return {m: torch.cat([s.transpose(0, 1).reshape(s.shape[1], -1) for s in v], dim=1) for m, v in seen.items()}
+
+
+def set_population_statistics(module: nn.Module, inputs: dict[nn.Module, torch.Tensor]) -> None:
+    for bn, x in inputs.items():
         bn.running_mean.copy_(x.mean(dim=1))
         bn.running_var.copy_(x.var(dim=1, unbiased=False))
+
+
+def torch_calibrate(module: nn.Module, batches: list[np.ndarray], mode: str = "one-pass") -> nn.Module:
+    """Reference: each BN's running statistics set to the exact population statistics of its
+    input over all batches, the input measured with the BNs above it
+
+    * ``one-pass``: in training mode (normalising with each batch's statistics);
+    * ``sequential``: BN by BN in module order (topological here), the BNs above already calibrated;
+    * ``two-pass``: in eval mode, all at once, with the one-pass statistics above.
+    """
+    module = copy.deepcopy(module).eval()
+    if mode == "sequential":
+        for bn in [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            set_population_statistics(module, {bn: bn_inputs(module, batches)[bn]})
+        return module
+    trained = copy.deepcopy(module).train()  # its running statistics move: measure on a copy
+    measured = bn_inputs(trained, batches)
+    own = dict(module.named_modules())
+    set_population_statistics(module, {own[name]: measured[m] for name, m in trained.named_modules() if m in measured})
+    if mode == "two-pass":
+        set_population_statistics(module, bn_inputs(module, batches))
     return module
 
 
@@ -72,13 +97,14 @@ def resnet():
 
 # -- calibrate_bn --------------------------------------------------------------------------------
 
-def test_calibration_matches_sequential_torch_reference(resnet):
+@pytest.mark.parametrize("mode", CALIBRATION_MODES)
+def test_calibration_matches_the_torch_reference(resnet, mode):
     module, model = resnet
     before = model.SerializeToString()
     batches = calibration_batches()
-    out = calibrate_bn(model, batches)
+    out = calibrate_bn(model, batches, mode=mode)
     assert model.SerializeToString() == before
-    reference = torch_calibrate(module, batches)
+    reference = torch_calibrate(module, batches, mode)
     for bn in ("bn0", "bn1", "bn2", "down_bn"):
         ref = reference.get_submodule(bn)
         np.testing.assert_allclose(stats(out, f"{bn}.running_mean"), ref.running_mean.numpy(), rtol=1e-5, atol=1e-6)
@@ -88,6 +114,63 @@ def test_calibration_matches_sequential_torch_reference(resnet):
     assert [o.name for o in out.graph.output] == ["y"] and len(out.graph.node) == len(model.graph.node)
     x = calibration_batches(seed=1, sizes=(4,))[0]
     np.testing.assert_allclose(run(out, x), torch_out(reference, x), atol=1e-4, rtol=1e-4)
+
+
+def test_modes_agree_on_one_batch_and_on_the_first_level(resnet):
+    """With one batch, batch and population statistics are the same thing: every mode gives the
+    sequential result. With several, only BNs with no BN above them (bn0) agree exactly."""
+    module, model = resnet
+    names = [f"{bn}.running_{s}" for bn in ("bn0", "bn1", "bn2", "down_bn") for s in ("mean", "var")]
+    one = {mode: calibrate_bn(model, calibration_batches(sizes=(12,)), mode=mode) for mode in CALIBRATION_MODES}
+    several = {mode: calibrate_bn(model, calibration_batches(), mode=mode) for mode in CALIBRATION_MODES}
+    for mode in ("one-pass", "two-pass"):
+        for name in names:
+            np.testing.assert_allclose(stats(one[mode], name), stats(one["sequential"], name), rtol=1e-5, atol=1e-6)
+        for name in names[:2]:
+            np.testing.assert_allclose(stats(several[mode], name), stats(several["sequential"], name), rtol=1e-5)
+        gap = np.abs(stats(several[mode], "down_bn.running_var") / stats(several["sequential"], "down_bn.running_var") - 1)
+        assert 1e-5 < gap.max() < 0.2, gap  # batch statistics of 5-8 images: close, and not the same
+    gaps = [np.abs(stats(several[m], "down_bn.running_var") - stats(several["sequential"], "down_bn.running_var")).sum()
+            for m in ("one-pass", "two-pass")]
+    assert gaps[1] < gaps[0]  # the eval-mode second pass moves towards the sequential result
+
+
+def test_one_pass_statistics_against_torch_running_statistics(resnet):
+    """What PyTorch's training-mode running statistics (momentum=None: averages over batches) give
+    on the same forwards: the same means (equal batch sizes); ``running_var`` is the average
+    unbiased batch variance, ours the population variance (average biased batch variance plus
+    the spread of the batch means)."""
+    module, model = resnet
+    batches = calibration_batches(sizes=(6, 6, 6))
+    out = calibrate_bn(model, batches)
+    trained = copy.deepcopy(module).train()
+    bns = {n: m for n, m in trained.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for bn in bns.values():
+        bn.momentum = None
+        bn.reset_running_stats()
+    inputs = bn_inputs(trained, batches)
+    for name, bn in bns.items():
+        x = inputs[bn].reshape(bn.num_features, len(batches), -1)  # (C, batch, positions of a batch)
+        n = x.shape[2]
+        spread = x.mean(dim=2).var(dim=1, unbiased=False).numpy()
+        np.testing.assert_allclose(stats(out, f"{name}.running_mean"), bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats(out, f"{name}.running_var"),
+                                   bn.running_var.numpy() * (n - 1) / n + spread, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(stats(out, f"{name}.running_var"), bn.running_var.numpy(), rtol=1e-4)
+
+
+def test_calibration_is_deterministic_and_takes_threads(resnet):
+    _, model = resnet
+    batches = calibration_batches()
+    a, b = calibrate_bn(model, batches), calibrate_bn(model, batches)
+    assert a.SerializeToString() == b.SerializeToString()
+    single = calibrate_bn(model, batches, threads=1)
+    for t in (t for t in a.graph.initializer if "running" in t.name):
+        np.testing.assert_allclose(stats(single, t.name), numpy_helper.to_array(t), rtol=1e-5, atol=1e-7)
+    with pytest.raises(GhnOnnxError, match="calibration mode: expected one of one-pass, two-pass, sequential"):
+        calibrate_bn(model, batches, mode="fast")
+    with pytest.raises(GhnOnnxError, match="threads: expected a number >= 0"):
+        calibrate_bn(model, batches, threads=-1)
 
 
 def test_first_bn_gets_numpy_stats_of_first_conv(resnet):
@@ -100,38 +183,47 @@ def test_first_bn_gets_numpy_stats_of_first_conv(resnet):
     np.testing.assert_allclose(stats(out, "bn0.running_var"), conv.var(axis=(0, 2, 3)), rtol=1e-5)
 
 
-def test_shared_statistics_are_untied_first():
+@pytest.mark.parametrize("mode", ["one-pass", "sequential"])
+def test_shared_statistics_are_untied_first(mode):
     """A fresh export reads bn*.running_var and bn*.weight from one all-ones tensor: calibrating
     must not change the BN scales."""
     torch.manual_seed(1)
     module = TinyResNet()
     model = export(module, torch.randn(2, 3, 16, 16))
     batches = calibration_batches()
-    out = calibrate_bn(model, batches)
+    out = calibrate_bn(model, batches, mode=mode)
     onnx.checker.check_model(out)
     x = calibration_batches(seed=1, sizes=(4,))[0]
-    np.testing.assert_allclose(run(out, x), torch_out(torch_calibrate(module, batches), x), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(run(out, x), torch_out(torch_calibrate(module, batches, mode), x), atol=1e-4, rtol=1e-4)
 
 
-def test_statistics_shared_directly_get_their_own_tensors():
+@pytest.mark.parametrize("mode", ["one-pass", "sequential"])
+def test_statistics_shared_directly_get_their_own_tensors(mode):
     """Two BNs reading one initializer as scale of one and running_var of the other."""
     rng = np.random.default_rng(7)
     model = bn_model(rng, opset=17)
     model.graph.node.append(onnx.helper.make_node("BatchNormalization", ["y", "v", "B", "m", "s"], ["z"]))
     model.graph.output[0].name = "z"
     x = calibration_batches(sizes=(6, 3), shape=(4, 5, 5))
-    out = calibrate_bn(model, x)
+    out = calibrate_bn(model, x, mode=mode)
     onnx.checker.check_model(out)
     for name in "sBmv":  # the original tensors keep their values
         np.testing.assert_array_equal(stats(out, name), stats(model, name))
     p = {k: torch.from_numpy(stats(model, k).copy()) for k in "sBmv"}
-    data = torch.from_numpy(np.concatenate(x)).double()
+    parts = [torch.from_numpy(b).double() for b in x]
 
-    def calibrated_bn(t, scale, bias, eps):
-        mean, var = t.mean(dim=(0, 2, 3)), t.var(dim=(0, 2, 3), unbiased=False)
-        return F.batch_norm(t, mean, var, scale.double(), bias.double(), training=False, eps=eps)
+    def moments(t):
+        return t.mean(dim=(0, 2, 3)), t.var(dim=(0, 2, 3), unbiased=False)
 
-    expected = calibrated_bn(calibrated_bn(data, p["s"], p["B"], 1e-3), p["v"], p["B"], 1e-5)
+    def bn(t, stats, scale, eps):
+        return F.batch_norm(t, *stats, scale.double(), p["B"].double(), training=False, eps=eps)
+
+    first = moments(torch.cat(parts))
+    if mode == "sequential":  # the second BN sees the first on the population statistics
+        hidden = bn(torch.cat(parts), first, p["s"], 1e-3)
+    else:  # ... on each batch's own
+        hidden = torch.cat([bn(b, moments(b), p["s"], 1e-3) for b in parts])
+    expected = bn(bn(torch.cat(parts), first, p["s"], 1e-3), moments(hidden), p["v"], 1e-5)
     np.testing.assert_allclose(run(out, np.concatenate(x)), expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
@@ -212,6 +304,30 @@ def test_batch_stats_single_bn(opset, rank):
     np.testing.assert_allclose(run(batch_stats_model(model), x), expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("opset", [13, 15, 18])  # explicit statistics before opset 14, training-mode BN from 14
+@pytest.mark.parametrize("rank", [2, 4])
+def test_statistics_model_outputs_what_each_bn_normalised_with(opset, rank):
+    rng = np.random.default_rng(opset * rank)
+    model = bn_model(rng, rank=rank, opset=opset)
+    model.graph.node.append(onnx.helper.make_node("BatchNormalization", ["y", "s", "B", "m", "v"], ["z"], epsilon=1e-3))
+    model.graph.output[0].name = "z"
+    probing, probes = statistics_model(model, ["y", "z"])
+    x = (rng.standard_normal((7, 4) + (5,) * (rank - 2)) * 3 + 2).astype(np.float32)
+    sess = __import__("onnxruntime").InferenceSession(probing.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    p = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+    axes = (0,) + tuple(range(2, rank))
+    h = torch.from_numpy(x).double()
+    for probe in probes:  # each BN on batch statistics, as in torch's training mode
+        np.testing.assert_allclose(got[probe.mean].ravel(), h.mean(dim=axes).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[probe.var].ravel(), h.var(dim=axes, unbiased=False).numpy(), rtol=1e-5)
+        assert tuple(got[probe.shape]) == tuple(h.shape)
+        h = F.batch_norm(h, None, None, p["s"].double(), p["B"].double(), training=True, eps=1e-3)
+    assert [o.name for o in probing.graph.output] == [n for q in probes for n in (q.mean, q.var, q.shape)]
+    with pytest.raises(GhnOnnxError, match="no BatchNormalization with output"):
+        statistics_model(model, ["x"])
+
+
 # -- calibration data ----------------------------------------------------------------------------
 
 def test_npy_uint8_nhwc_and_nchw(tmp_path):
@@ -270,13 +386,13 @@ def test_data_errors(tmp_path):
         load_calibration_data(tmp_path, ("N", 3, "H", "W"), n=2, seed=0)
 
 
-@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip not available")
-def test_cifar_zip_subset_is_seeded(resnet):
+def test_cifar_zip_subset_is_seeded(resnet, shared_dir):
     _, model = resnet
+    cifar_zip = shared_dir / "data" / "cifar10-jpeg.zip"
     assert data_input(model)[0] == "x" and data_input(model)[2][1:] == (3, 16, 16)
-    a = load_calibration_data(CIFAR_ZIP, (3, 32, 32), n=16, seed=0)
-    b = load_calibration_data(CIFAR_ZIP, (3, 32, 32), n=16, seed=0)
-    c = load_calibration_data(CIFAR_ZIP, (3, 32, 32), n=16, seed=1)
+    a = load_calibration_data(cifar_zip, (3, 32, 32), n=16, seed=0)
+    b = load_calibration_data(cifar_zip, (3, 32, 32), n=16, seed=0)
+    c = load_calibration_data(cifar_zip, (3, 32, 32), n=16, seed=1)
     assert a.shape == (16, 3, 32, 32)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -443,8 +559,11 @@ def test_fixed_batch_export_calibrates_at_its_own_batch_size(tmp_path):
 def test_data_the_model_cannot_take_is_a_one_line_error(resnet):
     with pytest.raises(GhnOnnxError, match=r"onnxruntime cannot run the model on the calibration batch \(x \(2, 4,"):
         calibrate_bn(resnet[1], [np.zeros((2, 4, 16, 16), np.float32)])  # 4 channels, the stem conv takes 3
+    wrong = [np.zeros((2, 3, 5, 5), np.float32)]  # the BN right on the input has 4 channels
     with pytest.raises(GhnOnnxError, match="has 3 channels, its running statistics 4"):
-        calibrate_bn(bn_model(np.random.default_rng(0)), [np.zeros((2, 3, 5, 5), np.float32)])
+        calibrate_bn(bn_model(np.random.default_rng(0)), wrong, mode="sequential")  # measured without a run
+    with pytest.raises(GhnOnnxError, match=r"cannot run the model on the calibration batch \(x \(2, 3, 5, 5\)\)"):
+        calibrate_bn(bn_model(np.random.default_rng(0)), wrong)
 
 
 @pytest.mark.parametrize("fixture, status", [("torch_vit", "none"), ("torch_cnn_legacy_folded", "folded")])

@@ -3,11 +3,15 @@
 The papers evaluate predicted networks with ``bn_train=True``: every BN normalises with the mean
 and variance of the batch in front of it, since running statistics are never predicted.
 :func:`batch_stats_model` bakes that into the graph, so any ONNX runtime reproduces it.
+:func:`statistics_model` does the same for chosen BNs and also outputs the statistics each one
+normalised with: one-pass calibration (:func:`ghn_onnx.bn.calibration.calibrate_bn`) reads them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -145,3 +149,120 @@ def _drop_dead_sources(model: onnx.ModelProto, names: list[str]) -> None:
                     pending.extend(x for x in n.input if x)
                     del g.node[i]
                     break
+
+
+@dataclass(frozen=True)
+class BnProbe:
+    """The outputs of :func:`statistics_model` that report one BN's batch statistics."""
+
+    mean: str   # C values: per-channel mean of the BN input over the batch (N and every position)
+    var: str    # C values: per-channel biased variance
+    shape: str  # int64: the BN input's shape, (N, C, ...)
+
+
+#: The first opset whose BatchNormalization has ``training_mode`` (normalise with, and output,
+#: the batch statistics).
+TRAINING_MODE_OPSET = 14
+
+
+def statistics_model(model: onnx.ModelProto, bns: Sequence[str]) -> tuple[onnx.ModelProto, list[BnProbe]]:
+    """A copy of ``model`` where each BatchNormalization whose first output is in ``bns`` normalises
+    with the statistics of the current batch (as :func:`batch_stats_model`, i.e. PyTorch's
+    training-mode forward) and also outputs them: ``bns[i]``'s are the outputs ``probes[i]``.
+
+    From opset 14 the BN node itself does it: ``training_mode=1, momentum=0`` makes it normalise
+    with the batch's mean and biased variance and output them as its running statistics (one
+    fused pass over its input in onnxruntime). Before opset 14, the statistics are computed
+    explicitly (:func:`_explicit_statistics`) and the BN normalises with them in inference mode.
+    Other BNs keep their stored statistics. The graph's outputs are the probes only.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 1)
+    uses = consumer_counts(out)
+    types: dict[str, int] = {}
+    if opset < TRAINING_MODE_OPSET:
+        types = {name: elem for name, (elem, _) in _value_types(out).items() if elem}
+        types.update((t.name, t.data_type) for t in g.initializer)
+    names = {t for n in g.node for t in list(n.input) + list(n.output)} | {t.name for t in g.initializer}
+    wanted = {name: i for i, name in enumerate(bns)}
+    probes: list[BnProbe | None] = [None] * len(bns)
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    for node in g.node:
+        i = wanted.get(node.output[0]) if is_batch_norm(node) and node.output else None
+        if i is None:
+            new_nodes.append(node)
+            continue
+        if any(o and uses[o] for o in node.output[1:]):
+            raise GhnOnnxError(f"BatchNormalization {node.name or node.output[0]!r} in training mode "
+                               "exports running statistics that other nodes read; cannot rewrite it")
+        base = node.name or node.output[0]
+
+        def fresh(suffix: str, base: str = base) -> str:
+            return unique_name(f"{base}/statistics/{suffix}", names)
+
+        shape = fresh("shape")
+        new_nodes.append(helper.make_node("Shape", [node.input[0]], [shape], fresh("Shape")))
+        kept = [a for a in node.attribute if a.name not in ("training_mode", "momentum")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        del node.output[1:]
+        if opset >= TRAINING_MODE_OPSET:
+            mean, var = fresh("mean"), fresh("var")
+            node.attribute.extend([helper.make_attribute("training_mode", 1), helper.make_attribute("momentum", 0.0)])
+            node.output.extend([mean, var])
+        else:
+            mean, var = _explicit_statistics(node, fresh, types, new_nodes, new_inits)
+        new_nodes.append(node)
+        probes[i] = BnProbe(mean, var, shape)
+    missing = [b for b, p in zip(bns, probes) if p is None]
+    if missing:
+        raise GhnOnnxError(f"no BatchNormalization with output(s) {', '.join(missing)}")
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    del g.output[:]
+    g.output.extend(onnx.ValueInfoProto(name=n) for p in probes for n in (p.mean, p.var, p.shape))
+    return out, probes
+
+
+def _explicit_statistics(node: onnx.NodeProto, fresh, types: dict[str, int], new_nodes: list[onnx.NodeProto],
+                         new_inits: list[onnx.TensorProto]) -> tuple[str, str]:
+    """Opsets before 14: nodes (appended to ``new_nodes``) computing the batch statistics of BN
+    ``node``'s input ``x`` (N, C, ...), which ``node`` is rewired to normalise with; their names.
+
+    ``r = x`` reshaped to (N, C, positions) (cast to float32 unless it is float32 or float64, so
+    that 16-bit sums keep their precision), ``mean = mean(r)`` and ``var = mean((r - mean)^2)``
+    over axes (0, 2), reshaped to (C,) and cast to the type of the BN's statistics inputs. Ranks
+    need not be known; ReduceMean still takes ``axes`` as an attribute at these opsets.
+    """
+    x = node.input[0]
+    flat_t = numpy_helper.from_array(np.array([0, 0, -1], np.int64), fresh("as_ncl"))
+    vec_t = numpy_helper.from_array(np.array([-1], np.int64), fresh("as_c"))
+    new_inits += [flat_t, vec_t]
+    src, computed = x, types.get(x)
+    if computed not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):  # 16-bit, or not inferred
+        src, computed = fresh("float"), onnx.TensorProto.FLOAT
+        new_nodes.append(helper.make_node("Cast", [x], [src], fresh("Cast"), to=computed))
+    r, mean, d, d2, var = (fresh(k) for k in ("ncl", "batch_mean", "centered", "sq", "batch_var"))
+    new_nodes += [
+        helper.make_node("Reshape", [src, flat_t.name], [r], fresh("Reshape")),
+        helper.make_node("ReduceMean", [r], [mean], fresh("ReduceMean_mean"), axes=[0, 2], keepdims=1),
+        helper.make_node("Sub", [r, mean], [d], fresh("Sub")),
+        helper.make_node("Mul", [d, d], [d2], fresh("Mul_sq")),
+        helper.make_node("ReduceMean", [d2], [var], fresh("ReduceMean_var"), axes=[0, 2], keepdims=1),
+    ]
+    result = []
+    for k, stat in ((3, mean), (4, var)):  # the BN reads (C,) statistics of its own statistics type
+        vec = fresh(f"{stat.rsplit('/', 1)[-1]}_c")
+        new_nodes.append(helper.make_node("Reshape", [stat, vec_t.name], [vec], fresh("Reshape")))
+        result.append(vec)
+        stat_elem = types.get(node.input[k], onnx.TensorProto.FLOAT)
+        if stat_elem != computed:
+            cast = fresh("cast")
+            new_nodes.append(helper.make_node("Cast", [vec], [cast], fresh("Cast"), to=stat_elem))
+            vec = cast
+        node.input[k] = vec
+    return result[0], result[1]

@@ -15,13 +15,13 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ghn_onnx.bn.batch_stats import batch_stats_model
+from ghn_onnx.bn.batch_stats import batch_stats_model, statistics_model
 from ghn_onnx.bn.images import (CIFAR10_MEAN, CIFAR10_STD, CalibrationSet, InputSpec, calibration_batches,
                                 calibration_set, data_input, input_spec, iter_batches, load_calibration_data)
 from ghn_onnx.errors import GhnOnnxError
@@ -30,11 +30,14 @@ from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.storage import (alias_source, cast_to_stored, consumer_counts, is_batch_norm, np_dtype,
                               set_tensor_values, stored_tensors, topological_nodes, unique_name)
 
-__all__ = ["calibrate_bn", "calibration_targets", "batch_stats_model", "calibration_set", "calibration_batches",
+__all__ = ["calibrate_bn", "CALIBRATION_MODES", "CalibrationMode", "calibration_targets", "batch_stats_model", "calibration_set", "calibration_batches",
            "CalibrationSet", "load_calibration_data", "iter_batches", "data_input", "input_spec", "InputSpec",
            "CIFAR10_MEAN", "CIFAR10_STD"]
 
 Batch = np.ndarray | Mapping[str, np.ndarray]
+CalibrationMode = Literal["one-pass", "two-pass", "sequential"]
+#: How :func:`calibrate_bn` may measure (see there); the first is the default.
+CALIBRATION_MODES: tuple[str, ...] = ("one-pass", "two-pass", "sequential")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class _Bn:
     """One BatchNormalization node being calibrated: its input and the tensors it owns."""
 
     x: str      # the BN input (the activation whose statistics we measure)
+    y: str      # the BN's first output (names it in copies of the model)
     mean: str   # stored tensor holding running_mean (owned by this BN alone)
     var: str    # stored tensor holding running_var
     level: int = 0
@@ -58,12 +62,16 @@ class _Moments:
         self.m2: np.ndarray | None = None
 
     def update(self, x: np.ndarray) -> None:
+        """Add the positions of a BN input ``x`` (N, C, ...)."""
         if x.ndim < 2:
             raise GhnOnnxError(f"BatchNormalization input must have rank >= 2 (got shape {x.shape})")
         flat = np.moveaxis(np.asarray(x, dtype=np.float64), 1, 0).reshape(x.shape[1], -1)  # (C, N*H*W)
-        nb = flat.shape[1]
         mb = flat.mean(axis=1)
-        m2b = np.square(flat - mb[:, None]).sum(axis=1)
+        self.merge(flat.shape[1], mb, np.square(flat - mb[:, None]).sum(axis=1) / max(flat.shape[1], 1))
+
+    def merge(self, nb: int, mb: np.ndarray, vb: np.ndarray) -> None:
+        """Add ``nb`` positions whose per-channel mean is ``mb`` and biased variance ``vb``."""
+        mb, m2b = np.asarray(mb, np.float64).ravel(), np.asarray(vb, np.float64).ravel() * nb
         if self.n == 0:
             self.n, self.mean, self.m2 = nb, mb, m2b
             return
@@ -77,26 +85,44 @@ class _Moments:
         return self.mean, self.m2 / self.n  # biased: what BN divides by in training
 
 
-def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Graph | None = None) -> onnx.ModelProto:
+def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Graph | None = None,
+                 mode: CalibrationMode = "one-pass", threads: int | None = None) -> onnx.ModelProto:
     """Set every BN's running mean and variance to the statistics of its input on ``batches``.
 
-    The statistics are exact over all calibration data: per channel, mean and **population**
-    variance (divide by ``N*H*W``) of the BN input, accumulated over all batches. PyTorch's
-    ``running_var`` tracks the unbiased batch variance with momentum; over thousands of
-    positions the two differ by a factor ``n/(n-1)`` ≈ 1, and the population variance is what
-    the network was normalised with in training mode.
+    Per channel, the statistics are the mean and **population** variance (divide by ``N*H*W``)
+    of the BN input over every position of every batch, pooled exactly in float64. What differs
+    between the modes is how the BNs *above* a BN normalise while its input is measured:
 
-    BNs are calibrated in topological levels (level = number of BNs on the longest path above
-    the node), upstream first, so each BN sees activations normalised with the already
-    calibrated statistics above it. Each level runs onnxruntime once over the data on the
-    model pruned to what that level's BN inputs need: cost ≈ (levels / 2) full passes.
+    * ``"one-pass"`` (default): with the statistics of the current batch, as PyTorch's
+      training-mode forward does. One onnxruntime run per batch of a rewritten model
+      (:func:`~ghn_onnx.bn.batch_stats.statistics_model`) that normalises every calibrated BN
+      with its batch's mean and biased variance and outputs them. PyTorch's running statistics
+      after the same forwards (``momentum=None``: plain averages over batches) have the same
+      mean when the batches are equally big, and ``running_var = avg_b(var_b) * n/(n-1)``
+      with ``n`` the positions per batch, where ours is ``avg_b(var_b) + avg_b((mean_b -
+      mean)^2)``: the population variance, which also counts how the batch means spread.
+    * ``"sequential"``: with the already calibrated population statistics, upstream first, so
+      each BN is measured on exactly what the calibrated model feeds it in eval mode. BNs are
+      taken in topological levels (level = number of BNs on the longest path above the node);
+      each level is one run over the data on the model pruned to what its BN inputs need: cost
+      ≈ (levels / 2) full passes (minutes for a ResNet-50).
+    * ``"two-pass"``: one-pass, then one eval-mode pass measuring every BN input at once with the
+      one-pass statistics above it: one step from one-pass towards the sequential result.
+
+    The three agree exactly for one batch (batch and population statistics are then equal) and
+    for BNs with no calibrated BN above them; otherwise they differ by how much a batch's
+    statistics differ from the whole set's (small for batches of 64; bench/RESULTS.md has the
+    measured accuracy and time of each).
 
     Args:
         model: an ONNX model (not modified).
         batches: model inputs: arrays for a single-input model (e.g. ``(B, C, H, W)`` float32),
-            or name → array mappings. Held in memory and iterated once per level.
+            or name → array mappings. Held in memory (iterated once per level when sequential).
         graph: if given, only BNs whose scale tensor is a ``bn`` node of this graph (the ones the
-            GHN predicted) are calibrated; by default every BN with stored statistics is.
+            GHN predicted) are calibrated; by default every BN with stored statistics is. The
+            others keep their stored statistics in every mode.
+        mode: ``"one-pass"``, ``"two-pass"`` or ``"sequential"`` (:data:`CALIBRATION_MODES`).
+        threads: onnxruntime intra-op threads; ``None``: onnxruntime's default (all physical cores).
 
     Returns:
         a new model whose running-statistics tensors hold the calibrated values (same dtype as
@@ -104,6 +130,10 @@ def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Gra
         with equal values, e.g. a fresh ``running_var`` and a BN ``weight``) is first given a
         tensor of its own, so that the calibrated values change nothing but this BN.
     """
+    if mode not in CALIBRATION_MODES:
+        raise GhnOnnxError(f"calibration mode: expected one of {', '.join(CALIBRATION_MODES)} (got {mode!r})")
+    if threads is not None and threads < 0:
+        raise GhnOnnxError(f"threads: expected a number >= 0 (got {threads})")
     batches = list(batches)
     if not batches:
         raise GhnOnnxError("calibration needs at least one batch of data")
@@ -113,19 +143,43 @@ def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Gra
     inputs = {i.name: np_dtype(i.type.tensor_type.elem_type) for i in out.graph.input
               if i.name not in {t.name for t in out.graph.initializer}}
     feeds = [_feed(b, inputs) for b in batches]
-    for level in sorted({bn.level for bn in bns}):
-        group = [bn for bn in bns if bn.level == level]
-        moments = _measure(out, [bn.x for bn in group], feeds)
-        stored = stored_tensors(out)
-        for bn, m in zip(group, moments):
-            for name, value in zip((bn.mean, bn.var), m.result()):
-                t = stored[name]
-                if value.size != np.prod(t.dims, dtype=np.int64):
-                    raise GhnOnnxError(f"BatchNormalization input {bn.x!r} has {value.size} channels, its running "
-                                       f"statistics {int(np.prod(t.dims, dtype=np.int64))}")
-                value = value.reshape(tuple(int(d) for d in t.dims))
-                set_tensor_values(t, cast_to_stored(value, t.data_type, f"BN statistics {name!r}"))
+    if mode == "sequential":
+        for level in sorted({bn.level for bn in bns}):
+            group = [bn for bn in bns if bn.level == level]
+            _store(out, group, _measure(out, [bn.x for bn in group], feeds, threads))
+        return out
+    _store(out, bns, _measure_one_pass(out, bns, feeds, threads))
+    if mode == "two-pass":
+        _store(out, bns, _measure(out, [bn.x for bn in bns], feeds, threads))
     return out
+
+
+def _store(model: onnx.ModelProto, bns: list[_Bn], moments: list[_Moments]) -> None:
+    """Write each BN's measured mean and variance into its (own) running-statistics tensors."""
+    stored = stored_tensors(model)
+    for bn, m in zip(bns, moments):
+        for name, value in zip((bn.mean, bn.var), m.result()):
+            t = stored[name]
+            if value.size != np.prod(t.dims, dtype=np.int64):
+                raise GhnOnnxError(f"BatchNormalization input {bn.x!r} has {value.size} channels, its running "
+                                   f"statistics {int(np.prod(t.dims, dtype=np.int64))}")
+            value = value.reshape(tuple(int(d) for d in t.dims))
+            set_tensor_values(t, cast_to_stored(value, t.data_type, f"BN statistics {name!r}"))
+
+
+def _measure_one_pass(model: onnx.ModelProto, bns: list[_Bn], feeds: list[dict[str, np.ndarray]],
+                      threads: int | None) -> list[_Moments]:
+    """Pooled moments of every BN input with the calibrated BNs on batch statistics: one run per feed."""
+    probing, probes = statistics_model(model, [bn.y for bn in bns])
+    names = [n for p in probes for n in (p.mean, p.var, p.shape)]
+    session = _session(_prune(probing, names), threads)
+    moments = [_Moments() for _ in bns]
+    for feed in feeds:
+        values = dict(zip(names, _run(session, names, feed)))
+        for p, m in zip(probes, moments):
+            shape = values[p.shape]
+            m.merge(int(np.prod(shape)) // max(int(shape[1]), 1), values[p.mean], values[p.var])
+    return moments
 
 
 def _feed(batch: Batch, inputs: dict[str, np.dtype]) -> dict[str, np.ndarray]:
@@ -141,11 +195,12 @@ def _feed(batch: Batch, inputs: dict[str, np.dtype]) -> dict[str, np.ndarray]:
     return {name: np.asarray(batch).astype(dtype, copy=False)}
 
 
-def _measure(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[_Moments]:
+def _measure(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]],
+             threads: int | None) -> list[_Moments]:
     """Moments of tensors ``names`` over all feeds, running only the nodes they depend on."""
     moments = [_Moments() for _ in names]
     computed = [n for n in names if n not in feeds[0]]  # a BN right on a graph input needs no run
-    session = _session(_prune(model, computed)) if computed else None
+    session = _session(_prune(model, computed), threads) if computed else None
     for feed in feeds:
         values = dict(zip(computed, _run(session, computed, feed))) if session else {}
         for name, m in zip(names, moments):
@@ -199,7 +254,7 @@ def _own_statistics(model: onnx.ModelProto, graph: Graph | None) -> tuple[onnx.M
             new_inits.append(numpy_helper.from_array(value, name))
             owned.append(name)
         taken.update(owned)
-        bns.append(_Bn(node.input[0], owned[0], owned[1], levels[id(node)]))
+        bns.append(_Bn(node.input[0], node.output[0], owned[0], owned[1], levels[id(node)]))
     if drop:
         keep = [n for n in g.node if not (len(n.output) == 1 and n.output[0] in drop)]
         del g.node[:]
@@ -301,11 +356,15 @@ def _node_reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: onnx.ModelProto, threads: int | None = None):
+    """A CPU onnxruntime session; ``threads`` intra-op threads (``None`` / 0: onnxruntime's default,
+    one per physical core). Idle workers do not spin, so a busy machine's other processes keep their CPU."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # pruned models leave unused inputs: not worth a warning
+    opts.intra_op_num_threads = threads or 0
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         data = model.SerializeToString()
     except ValueError:  # protobuf refuses to serialize over 2 GB: go through a file
