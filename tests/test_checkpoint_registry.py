@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import types
 import urllib.error
 
 import pytest
@@ -61,6 +62,7 @@ def no_downloads(monkeypatch):
 
     monkeypatch.setattr(registry, "download_url", refuse)
     monkeypatch.setattr(registry, "download_hub", refuse)
+    monkeypatch.setattr(registry, "hub_sha256", refuse)
 
 
 # -- the registry's data -------------------------------------------------------------------------
@@ -203,31 +205,54 @@ def test_url_download_checked_converted_cached_once(home, monkeypatch, reference
 def test_wrong_sha256_caches_nothing(home, monkeypatch, reference_file):
     path, sha = reference_file
     entry = add_entry(monkeypatch, url=path.as_uri(), sha256="0" * 64)
-    with pytest.raises(CheckpointError, match=f"has sha256 {sha}, expected 0{{64}}: a corrupt or changed download"):
+    with pytest.raises(CheckpointError, match=f"has sha256 {sha}, expected 0{{64}} \\(from the registry\\): a corrupt"):
         registry.resolve("tiny")  # with its progress bar
     assert not registry.cached_path(entry).exists()
     assert list((home / "downloads").iterdir()) == []
 
 
-def test_hub_download_through_hf_hub_download(home, monkeypatch, reference_file):
+def fake_hub(monkeypatch, path, recorded_sha256):
+    """huggingface_hub's download and file listing, served from ``path``; the calls made."""
     import huggingface_hub
+    from huggingface_hub.hf_api import BlobLfsInfo
 
-    path, sha = reference_file
     calls = []
 
     def fake_hf_hub_download(repo_id, filename, revision, local_dir):
-        calls.append((repo_id, filename, revision))
+        calls.append(("download", repo_id, filename, revision))
         out = local_dir / filename
         out.write_bytes(path.read_bytes())
         return str(out)
 
+    def fake_get_paths_info(self, repo_id, paths, revision=None):
+        calls.append(("info", repo_id, tuple(paths), revision))
+        lfs = BlobLfsInfo(size=path.stat().st_size, sha256=recorded_sha256, pointer_size=130)
+        return [types.SimpleNamespace(path=paths[0], lfs=lfs)]
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", fake_get_paths_info)
     monkeypatch.setattr(registry, "download_url", lambda *a, **k: pytest.fail("not a URL entry"))
-    entry = add_entry(monkeypatch, hub=("someone/ghns", "tiny.pt"), revision="v1", sha256=sha)
+    return calls
+
+
+def test_hub_download_through_hf_hub_download(home, monkeypatch, reference_file):
+    path, sha = reference_file
+    calls = fake_hub(monkeypatch, path, sha)
+    entry = add_entry(monkeypatch, hub=("someone/ghns", "tiny.pt"), revision="v1")
     assert entry.source == "https://huggingface.co/someone/ghns/resolve/v1/tiny.pt"
     assert ghn_onnx.load_ghn("tiny").config == TINY  # the Python API resolves names the same way
-    assert calls == [("someone/ghns", "tiny.pt", "v1")]
+    # no sha256 in the registry: the one the hub records for the file is checked
+    assert calls == [("info", "someone/ghns", ("tiny.pt",), "v1"), ("download", "someone/ghns", "tiny.pt", "v1")]
     assert not (home / "downloads" / "tiny.pt").exists()
+
+
+def test_hub_download_with_another_sha256_than_the_hub_records(home, monkeypatch, reference_file):
+    path, sha = reference_file
+    fake_hub(monkeypatch, path, "f" * 64)
+    entry = add_entry(monkeypatch, hub=("someone/ghns", "tiny.pt"))
+    with pytest.raises(CheckpointError, match=f"has sha256 {sha}, expected f{{64}} \\(from the hub\\): a corrupt"):
+        registry.resolve("tiny")
+    assert not registry.cached_path(entry).exists() and not (home / "downloads" / "tiny.pt").exists()
 
 
 def test_a_download_of_another_ghn_caches_nothing(home, monkeypatch, reference_file):

@@ -5,7 +5,8 @@ resolves (``--checkpoint NAME``, ``ghn_onnx.load_ghn(NAME)``, ``ghn-onnx checkpo
   checkpoint shipped in the package and the reference implementations' released files (ghn3's on
   the Hugging Face hub, ppuda's in its GitHub repository). Each row holds the configuration its
   file must convert to, so a download that converts to anything else is refused even where no
-  sha256 is published (none is, for these files: ``sha256`` stays ``None`` rather than a guess).
+  sha256 is published (none is, for these files: ``sha256`` stays ``None`` rather than a guess;
+  a hub file is checked against the sha256 the hub records for it).
 * The cache: ``$GHN_ONNX_HOME`` (default ``$XDG_CACHE_HOME/ghn-onnx``, else
   ``~/.cache/ghn-onnx``) holds ``checkpoints/<name>.safetensors``, our converted file. The raw
   download goes to ``downloads/`` under a temporary name and is removed once converted: the
@@ -19,8 +20,9 @@ resolves (``--checkpoint NAME``, ``ghn_onnx.load_ghn(NAME)``, ``ghn-onnx checkpo
 
 Downloads: hub files through ``huggingface_hub.hf_hub_download`` (the optional ``hub`` extra,
 imported only when a hub file is fetched); plain URLs through :mod:`urllib` with a tqdm progress
-bar, streamed into a temporary file that is hashed on the way. :func:`download_url` and
-:func:`download_hub` are the only functions that touch the network (tests replace them).
+bar, into a temporary file. :func:`download_url`, :func:`download_hub` and :func:`hub_sha256`
+(the sha256 the hub records for a file) are the only functions that touch the network (tests
+replace them).
 """
 
 from __future__ import annotations
@@ -224,8 +226,9 @@ def fetch(entry: NamedCheckpoint, *, home: Path | None = None, offline: bool | N
           log: Callable[[str], None] | None = None, progress: bool = True) -> Path:
     """Download ``entry``'s file, check it, convert it and cache the result; the cached path.
 
-    The sha256 of the download is compared with the registry's where one is published; the
-    converted configuration always is. Either mismatch is an error and nothing is cached. The raw
+    The sha256 of the download is compared with the registry's where one is published, else, for
+    a hub file, with the one the hub records for it (its LFS object's); the converted
+    configuration always is. Either mismatch is an error and nothing is cached. The raw
     download is removed afterwards (its sha256 is kept in the converted file's metadata)."""
     from ghn_onnx.ghn import reference_formats
 
@@ -244,7 +247,10 @@ def fetch(entry: NamedCheckpoint, *, home: Path | None = None, offline: bool | N
                           "GHN_ONNX_HOME to a writable folder") from None
     say = log or (lambda message: None)
     say(f"downloading {entry.file_name} from {entry.source}")
+    expected, by = entry.sha256, "the registry"
     try:
+        if expected is None and entry.hub is not None:
+            expected, by = hub_sha256(entry), "the hub"
         raw = (download_hub(entry, downloads) if entry.hub is not None
                else download_url(entry.url, downloads, entry.file_name, progress))
     except CheckpointError:
@@ -254,9 +260,9 @@ def fetch(entry: NamedCheckpoint, *, home: Path | None = None, offline: bool | N
                               f"{how_to_fetch(entry, home)}") from None
     try:
         digest = checkpoint.file_sha256(raw)
-        if entry.sha256 is not None and digest != entry.sha256.lower():
-            raise CheckpointError(f"{entry.name}: {entry.file_name} has sha256 {digest}, expected {entry.sha256}: "
-                                  "a corrupt or changed download, not cached")
+        if expected is not None and digest != expected.lower():
+            raise CheckpointError(f"{entry.name}: {entry.file_name} has sha256 {digest}, expected {expected} "
+                                  f"(from {by}): a corrupt or changed download, not cached")
         ghn, found = reference_formats.load(raw)
         if ghn.config != entry.config:
             raise CheckpointError(f"{entry.name}: {entry.file_name} is a {found.describe()} with {ghn.config}, "
@@ -294,13 +300,27 @@ def download_url(url: str, folder: Path, file_name: str, progress: bool = True) 
 def download_hub(entry: NamedCheckpoint, folder: Path) -> Path:
     """``entry``'s hub file through ``huggingface_hub.hf_hub_download`` (its own progress bar),
     into ``folder``; the file's path."""
+    repo_id, file_name = entry.hub
+    hub = _hub_client(entry)
+    return Path(hub.hf_hub_download(repo_id=repo_id, filename=file_name, revision=entry.revision, local_dir=folder))
+
+
+def hub_sha256(entry: NamedCheckpoint) -> str | None:
+    """The sha256 the hub records for ``entry``'s file (its LFS object), ``None`` if it records none."""
+    repo_id, file_name = entry.hub
+    infos = _hub_client(entry).HfApi().get_paths_info(repo_id, [file_name], revision=entry.revision)
+    lfs = getattr(infos[0], "lfs", None) if infos else None
+    return getattr(lfs, "sha256", None) or (lfs.get("sha256") if isinstance(lfs, dict) else None)
+
+
+def _hub_client(entry: NamedCheckpoint) -> Any:
+    """The ``huggingface_hub`` module (the optional ``hub`` extra), imported when first needed."""
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
     except ImportError:
         raise CheckpointError(f"{entry.name}: downloading from the Hugging Face hub needs huggingface_hub "
                               f"(pip install 'ghn-onnx[hub]'), or {how_to_fetch(entry)}") from None
-    repo_id, file_name = entry.hub
-    return Path(hf_hub_download(repo_id=repo_id, filename=file_name, revision=entry.revision, local_dir=folder))
+    return huggingface_hub
 
 
 def _remove(path: Path) -> None:
