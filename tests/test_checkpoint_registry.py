@@ -303,3 +303,21 @@ def test_an_unwritable_cache_is_exit_1(monkeypatch, tmp_path, reference_file):
     assert res.exit_code == 1
     assert res.output.startswith(f"Error: {blocker / 'home'}: cannot create the checkpoint cache")
     assert "GHN_ONNX_HOME" in res.output and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("name, weights", [
+    ("ppuda-ghn2-cifar10", "reference/ghn2-parity/ghn2_random_cifar10.npz"),
+    ("ppuda-ghn2-imagenet", "reference/ghn3-parity/ghn2-imagenet/ghn2_random_imagenet.npz"),
+    ("ghn3-t", "reference/ghn3-parity/ghn3_random_T.npz"),
+])
+def test_reference_weights_convert_to_the_registry_configuration(name, weights, home, monkeypatch, shared_dir):
+    """Each family's reference weights (the parity fixtures: the released files' key names and
+    shapes, random values), fetched as the registry fetches them, convert to the configuration
+    the registry holds for that family: the check a real download goes through."""
+    source = shared_dir / weights
+    entry = dataclasses.replace(registry.CHECKPOINTS[name], hub=None, url=source.as_uri(),
+                                sha256=hashlib.sha256(source.read_bytes()).hexdigest())
+    monkeypatch.setitem(registry.CHECKPOINTS, name, entry)
+    got = registry.resolve(name, progress=False)
+    assert got == home / "checkpoints" / f"{name}.safetensors"
+    assert checkpoint.read_config(got) == registry.config_of(name) == entry.config
