@@ -94,3 +94,24 @@ def test_no_linear_head(tmp_path):
     from ghn_onnx.report.inspection import format_report
 
     assert "classifier (none: the last weight is not a linear layer" in format_report(report)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter's notice
+def test_unfolded_prediction_says_it_too(tmp_path):
+    """The BN-unfolding path (--unfold-bn) warns and stamps the metadata the same way."""
+    from test_unfold import SmallResNet  # its folded TorchScript export is recognised as folded
+
+    torch.manual_seed(0)
+    net = SmallResNet().eval()  # classifier fc: 10 outputs
+    for m in net.modules():  # non-trivial statistics, so that the exporter really folds
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "folded.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, do_constant_folding=True,
+                      training=torch.onnx.TrainingMode.EVAL, input_names=["input"])
+    result = ghn_onnx.predict(path, GHN(GHNConfig(num_classes=3)).eval(), unfold_bn=True)
+    assert result.bn_status == "unfolded:uncalibrated"
+    assert any(w.startswith("classifier ") and "class r mod 3" in w for w in result.warnings)
+    assert {p.key: p.value for p in result.model.metadata_props}["ghn_onnx.classifier"].endswith(
+        "10 outputs from 3 GHN classes, tiled")
