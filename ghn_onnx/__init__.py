@@ -9,6 +9,8 @@ The Python API; the ``ghn-onnx`` commands run the same code (:mod:`ghn_onnx.pipe
 * :func:`predict_files` ``(inputs, outputs, ghn=None, options=None, **options) -> list[Prediction]``:
   file to file, all inputs in one GHN batch, outputs written atomically;
 * :func:`inspect` ``(model) -> Report``: what a GHN would see and predict of a model;
+* :func:`explain` ``(model, data=None, **options) -> Explanation``: per predicted layer, how the
+  prediction compares with PyTorch's default init and how much accuracy it carries;
 * :class:`PredictOptions`: BN calibration, ``unfold_bn``, device, metadata, as one frozen dataclass;
 * :func:`ghn_onnx.torch.init_` ``(module, example_input, **options) -> Report``: predict a PyTorch
   module's parameters and copy them into it, in place.
@@ -30,9 +32,10 @@ from ghn_onnx.version import __version__
 
 _PIPELINE = frozenset({"load_ghn", "predict", "predict_files", "PredictOptions", "Prediction"})
 _REPORT = frozenset({"inspect", "Report"})
+_EXPLAIN = frozenset({"explain", "Explanation"})
 
 __all__ = sorted({"__version__", "GHN", "GhnOnnxError", "ModelLoadError", "UnsupportedModelError",
-                  "CheckpointError"} | _PIPELINE | _REPORT)
+                  "CheckpointError"} | _PIPELINE | _REPORT | _EXPLAIN)
 
 
 def __getattr__(name: str):
@@ -41,6 +44,8 @@ def __getattr__(name: str):
         from ghn_onnx import pipeline as module
     elif name in _REPORT:
         from ghn_onnx.report import inspection as module
+    elif name in _EXPLAIN:
+        from ghn_onnx.report import explain as module
     elif name == "GHN":
         from ghn_onnx.ghn import model as module
     elif name == "torch":  # the submodule itself: ghn_onnx.torch.init_(module, example_input)

@@ -339,6 +339,71 @@ def calibrate(model, output, data, images, batch_size, seed, mean, std, no_norma
     click.echo(f"wrote {output} (BN statistics from {calibration.images} images)")
 
 
+# -- explain -------------------------------------------------------------------------------------
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Images (folder or .zip with class folders, .npy/.npz) for activations and accuracy; "
+                   "the held-out split (test/, val/) is used when there is one. Default: tensor statistics only.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="NAME|FILE",
+              help="Predict MODEL.onnx with this GHN first (a raw model); without it MODEL.onnx must be a file "
+                   "written by `ghn-onnx predict`.")
+@click.option("--images", type=click.IntRange(min=1), default=256, show_default=True,
+              help="How many images to draw at random.")
+@click.option("--layers", type=click.IntRange(min=0), default=None,
+              help="Re-initialise only the K largest layers (by elements). Default: every layer.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per batch (batch-statistics BN depends on it).")
+@click.option("--bn", type=click.Choice(["batch", "stored"]), default="batch", show_default=True,
+              help="BatchNorm with the statistics of each batch (as the GHN papers) or the stored running ones.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image subset and re-inits.")
+@normalisation_options
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON instead of a table.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the per-layer bars to this PNG file (needs the 'viz' extra).")
+@click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
+@quiet_failure
+def explain(model, data, checkpoint, images, layers, batch_size, bn, seed, mean, std, no_normalize, as_json, png,
+            quiet) -> None:
+    """Per predicted layer of MODEL.onnx: what the GHN predicted and how much it matters.
+
+    From the tensors: the norm against PyTorch's default init, the share of exactly repeated
+    rows and input channels (tiling), the effective rank. With --data: each layer output's
+    mean, std and dead-unit share on one batch, the model's top-1, and the top-1 lost when
+    that layer alone is re-initialised at random; the table is sorted by that loss. The model
+    is only read.
+    """
+    from tqdm import tqdm
+
+    from ghn_onnx.report.explain import explain as explain_model
+
+    if png is not None:
+        if png.resolve() == model.resolve():
+            raise InputError(f"{png}: refusing to draw over the input model")
+        _check_output(png, model)
+    _check_input(model, "model")
+    ghn = _load_ghn(checkpoint, "cpu")[0] if checkpoint is not None else None
+    try:
+        result = explain_model(model, data, checkpoint=ghn, images=images, layers=layers, batch_size=batch_size,
+                               seed=seed, bn=bn, **_normalisation(mean, std, no_normalize),
+                               progress=lambda it: tqdm(it, desc="re-init", unit="layer", disable=quiet))
+    except GhnOnnxError as exc:
+        raise _user_error(exc) from None
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.format())
+    if png is not None:
+        from ghn_onnx.report.drawing import DrawingUnavailableError
+        from ghn_onnx.report.explain_plot import plot_explanation
+
+        try:
+            plot_explanation(result, png)
+        except DrawingUnavailableError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"{png}: cannot write ({exc.strerror or exc})") from None
+        click.echo(f"wrote {png}", err=True)
+
+
 @main.command("convert-checkpoint", epilog=EXIT_CODES_HELP)
 @click.argument("source", metavar="REFERENCE", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),

@@ -115,7 +115,8 @@ class Prediction:
 
     Attributes:
         name: the model's name (the file name for a file).
-        model: the model with its predicted parameters (and calibrated BN statistics, if asked).
+        model: the model with its predicted parameters (and calibrated BN statistics, if asked);
+            ``None`` from ``predict_files(..., return_models=False)``.
         graph: the GHN graph the prediction was made on (the unfolded graph with ``unfold_bn``).
         predicted_tensors, predicted_elements: what was predicted.
         bn_status: ``none`` (no BN), ``uncalibrated``, ``calibrated:<images>``, ``folded`` (BN
@@ -127,7 +128,7 @@ class Prediction:
     """
 
     name: str
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None
     graph: Graph
     predicted_tensors: int
     predicted_elements: int
@@ -390,7 +391,7 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
                   options: PredictOptions | None = None, *,
                   progress: Callable[[Iterable], Iterable] = lambda it: it,
                   on_error: Callable[[str | os.PathLike, GhnOnnxError], None] | None = None,
-                  **overrides) -> list[Prediction]:
+                  return_models: bool = True, **overrides) -> list[Prediction]:
     """File to file: all ``inputs`` through the GHN in one batch, each prediction calibrated
     (if asked) and written to its output. Inputs are only read; each output is written
     atomically (temp + rename), with external data when it needs it.
@@ -403,6 +404,9 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
             converted, calibrated or written; that input is left out (its output is not written)
             and the others go on (``ghn-onnx predict -O``). ``None``: the first such error is
             raised.
+        return_models: ``False``: the predictions' ``model`` is ``None``; where the file was
+            written without re-serialising, the predicted values then never go into a ModelProto
+            (which copies each tensor twice). ``ghn-onnx predict``, which writes files only.
 
     Returns:
         one :class:`Prediction` per input (per input that succeeded, with ``on_error``), with
@@ -444,7 +448,7 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
         t1 = time.perf_counter()
         try:
             if held is not None and options.calibrate is None:  # written without re-serialising
-                save_predicted(held, dst, source_path=src, reserialize=options.reserialize)
+                save_predicted(held, dst, source_path=src, reserialize=options.reserialize, fill=return_models)
             else:
                 if held is not None:
                     held.fill()
@@ -457,6 +461,8 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
             continue
         pred.output = str(dst)
         pred.seconds = share + time.perf_counter() - t1
+        if not return_models:
+            pred.model = None
         written.append(pred)
     return written
 

@@ -130,6 +130,16 @@ def test_over_protobufs_limit_it_is_the_external_data_route(ghn, tmp_path, splic
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_files_only_fill_no_model(ghn, tmp_path, spliced, monkeypatch):
+    fills: list[int] = []
+    real = PredictedModel.fill
+    monkeypatch.setattr(PredictedModel, "fill", lambda self: fills.append(len(self.data)) or real(self))
+    [pred] = predict_files([FIXTURES[0]], [tmp_path / "a.onnx"], ghn, return_models=False)
+    assert pred.model is None and fills == [] and len(spliced) == 1
+    [full] = predict_files([FIXTURES[0]], [tmp_path / "b.onnx"], ghn)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() == full.model.SerializeToString()
+
+
 def test_interrupted_raw_write_leaves_the_old_output(ghn, tmp_path, spliced, monkeypatch):
     src, dst = FIXTURES[0], tmp_path / "out.onnx"
     dst.write_bytes(b"previous model")
@@ -145,6 +155,16 @@ def test_interrupted_raw_write_leaves_the_old_output(ghn, tmp_path, spliced, mon
     assert dst.read_bytes() == b"previous model" and sorted(os.listdir(tmp_path)) == ["out.onnx"]
     with pytest.raises(GhnOnnxError, match="refusing to overwrite the input"):
         predict_files([src], [src], ghn)
+
+
+def test_file_to_file_benchmark_reports_both_routes_and_the_copy():
+    from ghn_onnx.benchmarks.file_to_file import bench_file_to_file, format_result
+
+    r = bench_file_to_file(FIXTURES[0], repeats=1, per_process=False)
+    assert {"spliced_s", "reserialized_s", "copy_s", "copy_fsync_s"} <= set(r["in_process"])
+    assert set(r["in_process"]["stages_s"]) == {"load", "prepare", "ghn", "predicted_model", "save_predicted", "fill"}
+    table = format_result(r)
+    assert "| predict_files, spliced" in table and "ghn-onnx predict" not in table
 
 
 # -- the splicer and the walker ----------------------------------------------------------------

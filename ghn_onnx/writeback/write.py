@@ -35,8 +35,8 @@ import onnx
 from ghn_onnx.errors import GhnOnnxError, OutputError
 from ghn_onnx.graph.graph import Graph, ParamRef
 from ghn_onnx.onnx_io.files import check_output_file, read_regular_file
-from ghn_onnx.onnx_io.storage import (DATA_FIELDS, cast_to_stored, np_dtype, set_tensor_values, stored_tensors,
-                                      tensor_nbytes)
+from ghn_onnx.onnx_io.storage import (DATA_FIELDS, FLOAT_TYPES, cast_to_stored, np_dtype, set_tensor_values,
+                                      stored_tensors, tensor_nbytes)
 from ghn_onnx.version import __version__
 from ghn_onnx.writeback import raw
 
@@ -185,6 +185,8 @@ def _to_stored(ref: ParamRef, value: np.ndarray) -> np.ndarray:
     if tuple(stored.shape) != tuple(ref.stored_shape):  # a Layout that does not invert is a bug
         raise GhnOnnxError(f"{ref.tensor!r}: layout {ref.layout.describe()} maps {value.shape} to "
                            f"{stored.shape}, expected stored shape {tuple(ref.stored_shape)}")
+    if ref.dtype in FLOAT_TYPES and stored.dtype == np_dtype(ref.dtype):
+        return stored  # nothing to round, and finite values cannot overflow: no second pass over them
     return cast_to_stored(stored, ref.dtype, repr(ref.tensor))
 
 
@@ -252,13 +254,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
 
 def save_predicted(pred: PredictedModel, path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
-                   reserialize: bool = False) -> Path:
+                   reserialize: bool = False, fill: bool = True) -> Path:
     """``save_model(pred.fill(), path, source_path=source_path)``: the same file, checks, errors
     and atomic write, but without serialising the predicted tensors where that is possible
     (:mod:`ghn_onnx.writeback.raw`): every predicted tensor is an initializer of the main graph
     whose values have its dims and dtype, the host is little-endian, and the file stays under
     protobuf's 2 GB (no external data). Otherwise, or with ``reserialize``, it is
-    ``save_model``. ``pred`` is filled either way.
+    ``save_model``. ``pred`` is filled either way, unless ``fill`` is false and the file was
+    written without it (filling copies every predicted tensor twice: to bytes, into protobuf).
     """
     pieces = None if reserialize else _raw_pieces(pred)
     if pieces is None:
@@ -268,7 +271,8 @@ def save_predicted(pred: PredictedModel, path: str | os.PathLike, *, source_path
         _save(pred.model, out, pieces, False, protected)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    pred.fill()
+    if fill:
+        pred.fill()
     return out
 
 
@@ -427,6 +431,8 @@ def _external_data_files(model_path: Path) -> list[Path]:
     try:
         data = read_regular_file(model_path, MAX_PROTOBUF_BYTES, GhnOnnxError, "an .onnx file",
                                  "an ONNX file can hold")
+        if b"location" not in data:  # every reference to a data file holds this key, verbatim: no need to parse
+            return []
         skeleton = onnx.load_model_from_string(data)
     except Exception:  # not readable as ONNX: it has no data files we could clobber
         return []
