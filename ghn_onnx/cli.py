@@ -283,6 +283,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
             models, outputs, ghn, options,
             progress=lambda it: tqdm(it, desc="write", unit="model", disable=as_json or len(models) < 2),
             on_error=(lambda src, exc: failed.append(exc)) if output_dir is not None else None,
+            return_models=False,  # files only: the predicted values never go into in-memory models
         )
     except GhnOnnxError as exc:
         raise _user_error(exc) from None
