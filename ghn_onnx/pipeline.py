@@ -43,6 +43,7 @@ from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.loading import load_model
 from ghn_onnx.onnx_io.storage import untie_aliases
+from ghn_onnx.writeback.for_training import ForTraining, for_training
 from ghn_onnx.writeback.unfold import fold_back, folded_convs, is_virtual, unfolded_graph, with_explicit_bn
 from ghn_onnx.writeback.write import (PredictedModel, predicted_model, resolve_shared, save_model, save_predicted,
                                       write_predictions)
@@ -75,6 +76,9 @@ class PredictOptions:
             given is; a GHN given on another device is an error.
         metadata: extra ``ghn_onnx.*`` metadata written into each output (string values).
         reference: the sequential reference propagation (benchmarks and tests).
+        for_training: post-process the predictions for fine-tuning (noise on tiled rows, optional
+            orthogonalisation; :mod:`ghn_onnx.writeback.for_training`), recorded in the output's
+            ``ghn_onnx.for_training`` metadata. ``True`` means ``ForTraining()``; ``None``: as predicted.
         reserialize: :func:`predict_files` writes each output by serialising the whole model, not
             by splicing the predicted values into its serialised skeleton
             (:func:`~ghn_onnx.writeback.write.save_predicted`); the same file, slower (benchmarks
@@ -92,10 +96,15 @@ class PredictOptions:
     device: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
     reference: bool = False
+    for_training: ForTraining | None = None
     reserialize: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
+        if isinstance(self.for_training, bool):
+            object.__setattr__(self, "for_training", ForTraining() if self.for_training else None)
+        elif self.for_training is not None and not isinstance(self.for_training, ForTraining):
+            raise GhnOnnxError(f"for_training: expected a ForTraining, True or None (got {self.for_training!r})")
         for name in ("mean", "std"):  # tuples: hashable, like the rest of the options
             value = getattr(self, name)
             if value is not None:
@@ -244,11 +253,13 @@ def predict_graphs(ghn: GHN, graphs: Sequence[Graph], reference: bool = False) -
 
 
 def predict_unfolded(model: onnx.ModelProto, graph: Graph, ghn: GHN, batches: Iterable[np.ndarray] | None = None,
-                     metadata: Mapping[str, str] | None = None, reference: bool = False) -> Prediction:
+                     metadata: Mapping[str, str] | None = None, reference: bool = False,
+                     post: ForTraining | None = None) -> Prediction:
     """Predict a BN-folded ``model`` as its BN-kept original (:mod:`ghn_onnx.writeback.unfold`):
     the GHN predicts the unfolded graph, each unfolded BN is made explicit, calibrated on
     ``batches`` and folded back into its conv. ``graph`` must come from :func:`prepare`. Without
-    ``batches`` the statistics stay ``μ = 0, σ² = 1`` (and the prediction warns)."""
+    ``batches`` the statistics stay ``μ = 0, σ² = 1`` (and the prediction warns). ``post``: as
+    :attr:`PredictOptions.for_training`."""
     folds = folded_convs(model, graph)
     if not folds:
         raise GhnOnnxError(f"{graph.name}: --unfold-bn: no folded BatchNorm found (no exporter marks, "
@@ -259,7 +270,8 @@ def predict_unfolded(model: onnx.ModelProto, graph: Graph, ghn: GHN, batches: It
     owners = resolve_shared(ugraph)
     real = {k: v for k, v in pred.items() if k not in virtual and k in owners}
     status = "unfolded:calibrated" if batches is not None else "unfolded:uncalibrated"
-    predicted = write_predictions(model, ugraph, real, metadata={**(metadata or {}), "bn": status})
+    real, metadata = _post_process(ugraph, real, post, metadata or {})
+    predicted = write_predictions(model, ugraph, real, metadata={**metadata, "bn": status})
     explicit = with_explicit_bn(predicted, folds, pred)
     if batches is not None:
         explicit = calibrate_bn(explicit, batches)
@@ -294,7 +306,8 @@ def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GH
         metadata_of = {**metadata, **_classifier_rule(graph, ghn)}
         if fold:
             data = options.calibration_set(model) if options.calibrate is not None else None
-            pred = predict_unfolded(model, graph, ghn, data and data.batches, metadata_of, options.reference)
+            pred = predict_unfolded(model, graph, ghn, data and data.batches, metadata_of, options.reference,
+                                    options.for_training)
             notes = data.notes if data else []
             results.append((dataclasses.replace(pred, name=name, warnings=pred.warnings + notes), None))
             continue
@@ -302,6 +315,7 @@ def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GH
         status = bn_status(graph)
         owners = resolve_shared(graph)
         pred = {k: v for k, v in pred.items() if k in owners}
+        pred, metadata_of = _post_process(graph, pred, options.for_training, metadata_of)
         held = predicted_model(model, graph, pred, metadata={**metadata_of, "bn": status})
         results.append((Prediction(
             name=name, model=held.model, graph=graph, predicted_tensors=len(pred),
@@ -309,6 +323,14 @@ def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GH
             warnings=list(graph.warnings),
         ), held))
     return results
+
+
+def _post_process(graph: Graph, pred: dict[str, np.ndarray], post: ForTraining | None,
+                  metadata: Mapping[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    if post is None:
+        return pred, dict(metadata)
+    pred, report = for_training(graph, pred, post)
+    return pred, {**metadata, **report.metadata()}
 
 
 def _classifier_rule(graph: Graph, ghn: GHN) -> dict[str, str]:

@@ -1,0 +1,136 @@
+"""Predictions made ready for fine-tuning (``predict --for-training``).
+
+A GHN decodes every weight as tiles of one fixed block (GHN2_FACTS: ``max_shape``), so a layer
+wider than the block gets output channels that are exact copies of each other, with identical
+norm parameters after them. Copies receive identical gradients, so SGD never separates them: the
+layer trains as if it were as narrow as the block ("Pretraining a Neural Network before Knowing
+Its Architecture", Knyazev 2022: predicted parameters "lack the diversity necessary to fine-tune").
+:func:`for_training` breaks that symmetry:
+
+* **noise on repeated rows**: in each conv / linear weight, every output row (channel) that
+  exactly repeats an earlier one gets Gaussian noise of standard deviation ``noise × std(W)``
+  (the spread of the predicted tensor); the first copy stays as predicted, so a layer without
+  repeats is unchanged. The classifier is never touched: its rows are the class heads.
+* **orthogonalisation** (off unless asked): from the ``orthogonal_from`` fraction of the weight
+  layers on (0.0 = all, 0.5 = the deeper half), each weight reshaped to ``(out, fan_in)`` is
+  replaced by its nearest semi-orthogonal matrix (the polar factor ``U Vᵀ`` of its SVD), scaled to
+  keep the predicted Frobenius norm; the classifier excepted.
+
+Norm scales and shifts, biases and positional embeddings are left as predicted: once the weights
+before them differ, their channels no longer see equal inputs. Noise is drawn per tensor from a
+generator seeded by ``(seed, crc32(tensor name))``, so the result depends on neither the order of
+tensors nor the other models in a batch. What was done is returned and written into the output's
+``ghn_onnx.for_training`` metadata (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.ghn.decode.rules import classifier_nodes, is_weight
+from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.primitives import Primitive
+
+METADATA_KEY = "for_training"
+
+
+@dataclass(frozen=True)
+class ForTraining:
+    """How predictions are post-processed for fine-tuning (see the module docstring).
+
+    Attributes:
+        noise: standard deviation of the noise on repeated rows, relative to the tensor's own
+            standard deviation (0 disables it).
+        orthogonal_from: orthogonalise the weight layers from this fraction of them on, in graph
+            order, the classifier not counted (``0.0``: all, ``0.5``: the deeper half); ``None``: none.
+        seed: seed of the noise.
+    """
+
+    noise: float = 1e-2
+    orthogonal_from: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.noise) and self.noise >= 0):
+            raise GhnOnnxError(f"for_training noise: expected a finite value >= 0 (got {self.noise})")
+        if self.orthogonal_from is not None and not 0.0 <= self.orthogonal_from <= 1.0:
+            raise GhnOnnxError(f"for_training orthogonal_from: expected 0..1 (got {self.orthogonal_from})")
+
+
+@dataclass(frozen=True)
+class ForTrainingReport:
+    """What :func:`for_training` changed: tensors with repeated rows that got noise, how many rows
+    in all, and the tensors orthogonalised."""
+
+    options: ForTraining
+    noised_tensors: int
+    noised_rows: int
+    orthogonalised: int
+
+    def metadata(self) -> dict[str, str]:
+        """The ``ghn_onnx.for_training`` entry written into the output model."""
+        return {METADATA_KEY: json.dumps({**asdict(self.options), "noised_tensors": self.noised_tensors,
+                                          "noised_rows": self.noised_rows, "orthogonalised": self.orthogonalised},
+                                         sort_keys=True)}
+
+
+def repeated_rows(weight: np.ndarray) -> np.ndarray:
+    """Indices of the output rows of ``weight`` (``(out, ...)``) that exactly repeat an earlier row."""
+    # Rows keyed by their bytes: exact (as tiling makes them), and linear time where
+    # np.unique(axis=0) sorts rows as structured values (seconds for a ResNet-18).
+    rows = np.ascontiguousarray(weight.reshape(weight.shape[0], -1))
+    seen: set[bytes] = set()
+    repeats = []
+    for i, row in enumerate(rows):
+        key = row.tobytes()
+        if key in seen:
+            repeats.append(i)
+        else:
+            seen.add(key)
+    return np.asarray(repeats, dtype=np.int64)
+
+
+def nearest_orthogonal(weight: np.ndarray) -> np.ndarray:
+    """The polar factor of ``weight`` viewed as ``(out, fan_in)``, scaled to the same Frobenius norm."""
+    w = weight.reshape(weight.shape[0], -1).astype(np.float64)
+    u, _, vt = np.linalg.svd(w, full_matrices=False)
+    q = u @ vt
+    norm = np.linalg.norm(w)
+    q *= norm / max(np.linalg.norm(q), np.finfo(np.float64).tiny)
+    return q.reshape(weight.shape).astype(weight.dtype)
+
+
+def for_training(graph: Graph, predictions: Mapping[str, np.ndarray],
+                 options: ForTraining = ForTraining()) -> tuple[dict[str, np.ndarray], ForTrainingReport]:
+    """``predictions`` (``ParamRef.tensor`` → canonical array, as the GHN returns them for
+    ``graph``) post-processed by ``options``; the input arrays are not modified."""
+    out = dict(predictions)
+    cls_w, _ = classifier_nodes(graph)
+    weights = [i for i, n in enumerate(graph.nodes)
+               if is_weight(n) and n.primitive is not Primitive.POS_ENC and i != cls_w]
+    ortho_start = None if options.orthogonal_from is None else options.orthogonal_from * len(weights)
+    noised_tensors = noised_rows = orthogonalised = 0
+    for depth, i in enumerate(weights):
+        for ref in graph.nodes[i].params:
+            value = out.get(ref.tensor)
+            if value is None or value.ndim < 2:
+                continue
+            if ortho_start is not None and depth >= ortho_start:
+                value = nearest_orthogonal(value)
+                orthogonalised += 1
+            rows = repeated_rows(value) if options.noise > 0 else np.empty(0, dtype=np.int64)
+            if len(rows):
+                rng = np.random.default_rng([options.seed, zlib.crc32(ref.tensor.encode())])
+                value = value.copy() if value is predictions.get(ref.tensor) else value
+                scale = options.noise * float(value.std())
+                value[rows] += rng.standard_normal((len(rows), *value.shape[1:]), dtype=np.float32).astype(value.dtype) * scale
+                noised_tensors += 1
+                noised_rows += len(rows)
+            out[ref.tensor] = value
+    return out, ForTrainingReport(options, noised_tensors, noised_rows, orthogonalised)

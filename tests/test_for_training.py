@@ -1,0 +1,117 @@
+"""``predict --for-training``: noise on tiled (repeated) rows, optional orthogonalisation, never
+the classifier; deterministic; recorded in the metadata."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.ghn.decode.rules import classifier_nodes
+from ghn_onnx.pipeline import load_ghn, predict, predict_graphs, prepare
+from ghn_onnx.torch import export
+from ghn_onnx.writeback.for_training import ForTraining, for_training, nearest_orthogonal, repeated_rows
+
+
+class Wide(nn.Module):
+    """Wider than GHN-2's 64-channel block, so the decoder tiles its output rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 128, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(128)
+        self.conv2 = nn.Conv2d(128, 160, 3, padding=1)
+        self.fc = nn.Linear(160, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x)).mean((2, 3))
+        return self.fc(x)
+
+
+@pytest.fixture(scope="module")
+def wide():
+    torch.manual_seed(0)
+    model, graph = prepare(export(Wide(), torch.randn(2, 3, 16, 16)), "wide")
+    return model, graph, predict_graphs(load_ghn(), [graph])[0]
+
+
+def test_repeated_rows_are_exact_repeats_after_the_first():
+    w = np.array([[1, 2], [3, 4], [1, 2], [1, 2.001], [3, 4]], dtype=np.float32)
+    assert repeated_rows(w).tolist() == [2, 4]
+    assert repeated_rows(np.eye(3, dtype=np.float32)).tolist() == []
+
+
+def test_tiled_rows_get_noise_and_nothing_else_changes(wide):
+    _, graph, pred = wide
+    before = {k: v.copy() for k, v in pred.items()}
+    out, report = for_training(graph, pred, ForTraining(noise=0.01))
+    assert all(np.array_equal(pred[k], before[k]) for k in pred)  # inputs not modified
+    cls_w, cls_b = classifier_nodes(graph)
+    cls = {p.tensor for i in (cls_w, cls_b) if i is not None for p in graph.nodes[i].params}
+    assert cls and all(np.array_equal(out[k], pred[k]) for k in cls)
+    tiled = [k for k, v in pred.items() if v.ndim >= 2 and len(repeated_rows(v))]
+    assert set(tiled) >= {"conv1.weight", "conv2.weight"}
+    assert report.noised_tensors == len(tiled)
+    assert report.noised_rows == sum(len(repeated_rows(pred[k])) for k in tiled)
+    for k, v in pred.items():
+        if k in tiled:
+            rows = repeated_rows(v)
+            assert len(repeated_rows(out[k])) == 0
+            kept = np.setdiff1d(np.arange(len(v)), rows)
+            assert np.array_equal(out[k][kept], v[kept])  # first copies stay as predicted
+            delta = (out[k] - v)[rows]
+            assert 0.5 < delta.std() / (0.01 * v.std()) < 1.5
+        else:  # 1-D norms and biases, untiled weights, the classifier
+            assert np.array_equal(out[k], v)
+
+
+def test_deterministic_and_seeded_per_tensor(wide):
+    _, graph, pred = wide
+    a, _ = for_training(graph, pred, ForTraining(seed=3))
+    b, _ = for_training(graph, dict(reversed(list(pred.items()))), ForTraining(seed=3))
+    c, _ = for_training(graph, pred, ForTraining(seed=4))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["conv2.weight"], c["conv2.weight"])
+
+
+def test_orthogonalisation_keeps_the_norm_and_spares_the_classifier(wide):
+    _, graph, pred = wide
+    out, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.0))
+    assert report.orthogonalised == 2 and report.noised_rows == 0
+    for k in ("conv1.weight", "conv2.weight"):
+        w = out[k].reshape(len(out[k]), -1).astype(np.float64)
+        assert np.isclose(np.linalg.norm(w), np.linalg.norm(pred[k]), rtol=1e-5)
+        s = np.linalg.svd(w, compute_uv=False)
+        assert s.max() / s.min() < 1.0001  # all singular values equal: (semi-)orthogonal
+    assert np.array_equal(out["fc.weight"], pred["fc.weight"])
+    deeper, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.5))
+    assert report.orthogonalised == 1 and np.array_equal(deeper["conv1.weight"], pred["conv1.weight"])
+
+
+def test_nearest_orthogonal_of_an_orthogonal_matrix_is_itself():
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
+    assert np.allclose(nearest_orthogonal((2 * q).astype(np.float32)), 2 * q, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(noise=-1.0), dict(noise=float("nan")), dict(orthogonal_from=1.5)])
+def test_bad_options_are_one_line_errors(options):
+    with pytest.raises(GhnOnnxError):
+        ForTraining(**options)
+
+
+def test_predict_records_it_in_the_metadata_and_is_reproducible(wide):
+    model = wide[0]
+    a = predict(model, load_ghn(), for_training=ForTraining(seed=1))
+    b = predict(model, load_ghn(), for_training=ForTraining(seed=1))
+    plain = predict(model, load_ghn())
+    meta = {p.key: p.value for p in a.model.metadata_props}
+    record = json.loads(meta["ghn_onnx.for_training"])
+    assert record["seed"] == 1 and record["noise"] == 0.01 and record["noised_tensors"] >= 2
+    assert "ghn_onnx.for_training" not in {p.key for p in plain.model.metadata_props}
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert a.model.SerializeToString() != plain.model.SerializeToString()
