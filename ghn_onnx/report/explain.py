@@ -32,6 +32,7 @@ graph inputs, so the sweep costs one evaluation per layer and no session rebuild
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -142,8 +143,8 @@ class Explanation:
             "accuracy": num(self.accuracy),
             "notes": list(self.notes),
             "layers": [{
-                "index": r.index, "name": r.name, "op": r.op, "onnx_op": r.onnx_op, "shape": list(r.shape), "tensors": list(r.tensors),
-                "elements": r.elements, "init": r.init, "norm": num(r.norm), "init_norm": num(r.init_norm),
+                "index": r.index, "name": r.name, "op": r.op, "onnx_op": r.onnx_op, "shape": list(r.shape),
+                "tensors": list(r.tensors), "elements": r.elements, "init": r.init, "norm": num(r.norm), "init_norm": num(r.init_norm),
                 "norm_ratio": num(r.norm_ratio), "repeated_rows": num(r.repeated_rows),
                 "repeated_channels": num(r.repeated_channels), "effective_rank": num(r.effective_rank, 3),
                 "max_rank": r.max_rank,
@@ -170,8 +171,8 @@ class Explanation:
         rows = [cols]
         for r in self.layers:
             a = r.activation
-            rows.append((str(r.index), _clip(r.name, 40), r.op, r.onnx_op or "-", "x".join(map(str, r.shape)), _f(r.norm_ratio, "3f"),
-                         _pct(r.repeated_rows), _pct(r.repeated_channels),
+            rows.append((str(r.index), _clip(r.name, 40), r.op, r.onnx_op or "-", "x".join(map(str, r.shape)),
+                         _f(r.norm_ratio, "3f"), _pct(r.repeated_rows), _pct(r.repeated_channels),
                          "-" if r.effective_rank is None else f"{r.effective_rank:.1f}/{r.max_rank}",
                          _f(a and a.mean, "3f"), _f(a and a.std, "3f"), _pct(a and a.dead),
                          _pct(r.accuracy_drop(self.accuracy), signed=True)))
@@ -212,8 +213,7 @@ def predicted_layers(model: onnx.ModelProto, graph: Graph) -> list[tuple[int, No
 
 
 def predicted_names(model: onnx.ModelProto) -> set[str]:
-    import json
-
+    """The tensors a ``ghn-onnx predict`` output says it predicted; an error for any other file."""
     value = next((p.value for p in model.metadata_props if p.key == PREDICTED_KEY), None)
     if value is None:
         raise GhnOnnxError(f"not a ghn-onnx prediction (no {PREDICTED_KEY} metadata): run `ghn-onnx predict` "
@@ -366,7 +366,7 @@ class _Runner:
         g.node.extend(nodes)
         for name, value in self.values.items():
             if name not in inputs:
-                g.input.append(helper.make_tensor_value_info(name, stored_elem(value), list(value.shape)))
+                g.input.append(helper.make_tensor_value_info(name, stored[name].data_type, list(value.shape)))
         self.logits = g.output[0].name
         outputs = {o.name for o in g.output}
         g.output.extend(onnx.ValueInfoProto(name=p) for p in dict.fromkeys(probes) if p not in outputs)
@@ -374,7 +374,12 @@ class _Runner:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # a shared machine keeps its CPU
         opts.log_severity_level = 3  # errors only: shape-merge notes on framework exports are not the user's
         try:
-            self.session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            serialized = m.SerializeToString()
+        except ValueError:  # protobuf's 2 GB limit
+            raise GhnOnnxError("the model is over 2 GB: explain runs models that fit in one protobuf; "
+                               "explain it without --data") from None
+        try:
+            self.session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types, with multi-line messages
             raise GhnOnnxError(f"onnxruntime cannot load the model ({_first_line(exc)})") from None
         self.input = next(i.name for i in self.session.get_inputs() if i.name not in self.values)
@@ -392,10 +397,6 @@ class _Runner:
             logits = self.run(x, [self.logits], replaced)[0]
             correct += int((logits.reshape(len(x), -1).argmax(1) == y).sum())
         return correct / data.images
-
-
-def stored_elem(value: np.ndarray) -> int:
-    return helper.np_dtype_to_tensor_dtype(value.dtype)
 
 
 def _first_line(exc: Exception) -> str:
@@ -443,56 +444,67 @@ def explain(model: onnx.ModelProto | str | os.PathLike, data: str | os.PathLike 
     meta = {p.key: p.value for p in model.metadata_props
             if p.key.startswith(METADATA_PREFIX) and p.key != PREDICTED_KEY}
     result = Explanation(model=label, layers=reports, metadata=meta, bn=bn)
-    if data is None:
-        return result
+    if data is not None:
+        _measure(result, model, graph, data, outputs, images=images, layers=layers, batch_size=batch_size, seed=seed,
+                 normalisation={"mean": mean, "std": std, "no_normalize": no_normalize}, progress=progress)
+    return result
 
+
+def _measure(result: Explanation, model: onnx.ModelProto, graph: Graph, data, outputs: dict[str, tuple[str, str]], *,
+             images: int, layers: int | None, batch_size: int, seed: int, normalisation: dict,
+             progress: Callable[[Iterable], Iterable]) -> None:
+    """The data part of :func:`explain`, into ``result``: activations, top-1, the sweep, the order."""
     from ghn_onnx.bn.batch_stats import batch_stats_model
     from ghn_onnx.onnx_io.storage import is_batch_norm
 
-    imgs = labelled_images(model, data, images, batch_size, seed, mean=mean, std=std, no_normalize=no_normalize)
+    imgs = labelled_images(model, data, images, batch_size, seed, **normalisation)
     result.data = {"source": str(data), "split": imgs.split, "images": imgs.images, "batch_size": imgs.batch_size,
                    "seed": seed}
     result.notes += imgs.notes
-    run_model = batch_stats_model(model) if bn == "batch" and any(is_batch_norm(n) for n in model.graph.node) \
-        else model
-    if bn == "stored" and meta.get("ghn_onnx.bn") == "uncalibrated":
+    batch_stats = result.bn == "batch" and any(is_batch_norm(n) for n in model.graph.node)
+    if result.bn == "stored" and result.metadata.get("ghn_onnx.bn") == "uncalibrated":
         result.notes.append("BN running statistics were never calibrated (ghn_onnx.bn = uncalibrated): "
                             "accuracy with bn='stored' means little; use batch statistics")
-    order = sorted(reports, key=lambda r: (-r.elements, r.index))
-    swept = order if layers is None else order[:layers]
+    reports = result.layers
+    swept = sorted(reports, key=lambda r: (-r.elements, r.index))[:layers]  # [:None] is all
     # Layer outputs are found on the model as stored: batch statistics rewrite each BN into
     # several nodes but keep its output's name.
     probes = [(r, outputs[r.tensors[0]]) for r in reports if r.tensors[0] in outputs]
-    runner = _Runner(run_model, [t for r in swept for t in r.tensors], [o for _, (o, _) in probes])
-    x0 = next(imgs.batches())[0]
-    values = runner.run(x0, [runner.logits] + [o for _, (o, _) in probes])
+    runner = _Runner(batch_stats_model(model) if batch_stats else model, [t for r in swept for t in r.tensors],
+                     [o for _, (o, _) in probes])
+    values = runner.run(next(imgs.batches())[0], [runner.logits] + [o for _, (o, _) in probes])
     for (r, (out, op)), value in zip(probes, values[1:]):
-        node = graph.nodes[r.index]
-        units = r.shape[-1] if node.primitive is Primitive.POS_ENC else r.shape[0]
+        units = r.shape[-1] if graph.nodes[r.index].primitive is Primitive.POS_ENC else r.shape[0]
         r.activation = _activation(np.asarray(value), out, op, units)
     classes = int(np.prod(np.asarray(values[0]).shape[1:]))
     if imgs.labels is None:
         result.notes.append(f"{data}: no class labels (an array without labels, or images outside class "
                             "folders): accuracy and the re-initialisation sweep skipped")
-        return result
+        return
     if not imgs.fits(classes):
         have = f"{imgs.classes} classes" if imgs.classes_exact else f"labels up to {imgs.classes - 1}"
         result.notes.append(f"the model's head has {classes} outputs and the data {have}: "
                             "accuracy and the re-initialisation sweep skipped")
-        return result
+        return
     result.accuracy = runner.top1(imgs)
+    stored = stored_tensors(model)
     for r in progress(swept):
-        rng = np.random.default_rng([seed, r.index])  # one stream per layer: any subset gives the same draws
-        replaced = {}
-        for t in r.tensors:
-            ref = next(p for p in graph.nodes[r.index].params if p.tensor == t)
-            init = reference_init(graph, r.index, ref)
-            value = ref.layout.to_stored(sample_init(init, ref.canonical_shape, rng))
-            replaced[t] = cast_to_stored(value, stored[t].data_type, repr(t))
-        r.reinit_accuracy = runner.top1(imgs, replaced)
+        r.reinit_accuracy = runner.top1(imgs, reinitialised(graph, r, stored, seed))
     # Most harmful first; layers left out of the sweep after the others, in graph order.
-    result.layers.sort(key=lambda r: (r.reinit_accuracy is None, -(r.accuracy_drop(result.accuracy) or 0.0), r.index))
-    return result
+    reports.sort(key=lambda r: (r.reinit_accuracy is None, -(r.accuracy_drop(result.accuracy) or 0.0), r.index))
+
+
+def reinitialised(graph: Graph, layer: LayerReport, stored: dict[str, onnx.TensorProto], seed: int
+                  ) -> dict[str, np.ndarray]:
+    """The layer's tensors drawn from their reference init, in stored layout and dtype. Each
+    layer has its own stream, ``default_rng([seed, index])``: any subset swept draws the same."""
+    rng = np.random.default_rng([seed, layer.index])
+    out = {}
+    for t in layer.tensors:
+        ref = next(p for p in graph.nodes[layer.index].params if p.tensor == t)
+        value = ref.layout.to_stored(sample_init(reference_init(graph, layer.index, ref), ref.canonical_shape, rng))
+        out[t] = cast_to_stored(value, stored[t].data_type, repr(t))
+    return out
 
 
 def _prepared(model, checkpoint, name: str | None) -> tuple[onnx.ModelProto, Graph, str]:
