@@ -14,6 +14,8 @@ The Python API; the ``ghn-onnx`` commands run the same code (:mod:`ghn_onnx.pipe
 * :class:`PredictOptions`: BN calibration, ``unfold_bn``, device, metadata, as one frozen dataclass;
 * :func:`ghn_onnx.torch.init_` ``(module, example_input, **options) -> Report``: predict a PyTorch
   module's parameters and copy them into it, in place.
+* :func:`ghn_onnx.keras.init_` ``(model, **options) -> Report``: predict a Keras 3 model's
+  weights (torch backend) and assign them, in place.
 
 Example, from a checkout's root (``predict`` loads the shipped checkpoint when given no GHN)::
 
@@ -48,10 +50,10 @@ def __getattr__(name: str):
         from ghn_onnx.report import explain as module
     elif name == "GHN":
         from ghn_onnx.ghn import model as module
-    elif name == "torch":  # the submodule itself: ghn_onnx.torch.init_(module, example_input)
+    elif name in ("torch", "keras"):  # the submodule itself: ghn_onnx.torch.init_(module, example_input)
         import importlib
 
-        return importlib.import_module("ghn_onnx.torch")
+        return importlib.import_module(f"ghn_onnx.{name}")
     else:
         raise AttributeError(f"module 'ghn_onnx' has no attribute {name!r}")
     value = getattr(module, name)

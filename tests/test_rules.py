@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 from onnx_builders import conv_model, model, weights
 
 from ghn_onnx.convert import convert
+from ghn_onnx.errors import UnsupportedModelError
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
 
@@ -211,3 +213,43 @@ def test_parameters_of_an_op_without_primitive_are_reported():
     g = convert(model(nodes, {"x": [1, 3, 8, 8]}, ["y"], init))
     assert g.unsupported == {"PRelu": ["slope"]}
     assert any("PRelu (1)" in w for w in g.warnings)
+
+
+# -- weights re-viewed by a computed target shape ------------------------------------------------
+
+def _depthwise_through_computed_reshape(dims: list) -> onnx.ModelProto:
+    """A Keras-style depthwise kernel (h, w, in, 1) reshaped to (h, w, 1, in) and transposed to
+    OIHW, the Reshape target built from ``dims`` (Constants, or tensors) by Unsqueeze + Concat, as
+    TorchScript exports without constant folding do (Keras on the torch backend)."""
+    nodes, parts = [], []
+    for i, d in enumerate(dims):
+        if isinstance(d, int):
+            nodes.append(helper.make_node("Constant", [], [f"d{i}"], value=helper.make_tensor(
+                f"d{i}", onnx.TensorProto.INT64, [], [d])))
+            d = f"d{i}"
+        nodes.append(helper.make_node("Unsqueeze", [d, "axes0"], [f"u{i}"]))
+        parts.append(f"u{i}")
+    nodes += [helper.make_node("Constant", [], ["axes0"], value=helper.make_tensor("axes0", onnx.TensorProto.INT64, [1], [0])),
+              helper.make_node("Concat", parts, ["target"], axis=0),
+              helper.make_node("Reshape", ["w", "target"], ["w_r"]),
+              helper.make_node("Transpose", ["w_r"], ["w_t"], perm=[3, 2, 0, 1]),
+              helper.make_node("Conv", ["x", "w_t"], ["y"], group=8, pads=[1, 1, 1, 1])]
+    nodes.sort(key=lambda n: n.op_type != "Constant")  # constants first: topological order
+    return model(nodes, {"x": [1, 8, 16, 16]}, ["y"], {"w": weights((3, 3, 8, 1))})
+
+
+def test_a_reshape_target_computed_from_constants_is_folded():
+    g = convert(_depthwise_through_computed_reshape([3, 3, 1, 8]))
+    assert "sep_conv" in types(g)
+    (ref,) = [p for n in g.nodes for p in n.params]
+    w = weights((3, 3, 8, 1))
+    assert ref.tensor == "w" and ref.canonical_shape == (8, 1, 3, 3)
+    np.testing.assert_array_equal(ref.layout.to_canonical(w), w.reshape(3, 3, 1, 8).transpose(3, 2, 0, 1))
+
+
+def test_a_reshape_target_that_depends_on_data_is_not_folded():
+    m = _depthwise_through_computed_reshape([3, 3, 1, "n"])
+    m.graph.node.insert(0, helper.make_node("Shape", ["x"], ["sx"], start=1, end=2))
+    m.graph.node.insert(1, helper.make_node("Squeeze", ["sx"], ["n"]))
+    with pytest.raises(UnsupportedModelError, match="no parametrised layers"):  # the layout cannot be read
+        convert(m)

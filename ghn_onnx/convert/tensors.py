@@ -25,6 +25,9 @@ SHAPE_ONLY_OPS = frozenset({
 METADATA_OPS = frozenset({"Shape", "Size"})
 # Initializers up to this many elements (shapes, axes, scalars) keep their values for shape inference.
 SMALL_TENSOR = 64
+# Ops folded when a static value (a Reshape target) is computed rather than stored, and how deep.
+SHAPE_FOLDED_OPS = frozenset({"Concat", "Unsqueeze", "Squeeze"})
+SHAPE_FOLD_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,11 @@ class TensorIndex:
             return None
         return None
 
-    def constant_value(self, name: str) -> np.ndarray | None:
-        """The value of a static tensor (following only Identity/Cast), or None (also for a
-        tensor whose data does not match its declared shape)."""
+    def constant_value(self, name: str, _depth: int = 0) -> np.ndarray | None:
+        """The value of a static tensor (following Identity/Cast, and folding the small
+        Concat/Unsqueeze/Squeeze of constants that TorchScript exports without constant folding
+        build target shapes with), or None (also for a tensor whose data does not match its
+        declared shape)."""
         seen = {name}
         while name in self.producer and self.producer[name].op_type in ("Identity", "Cast"):
             node = self.producer[name]
@@ -206,11 +211,36 @@ class TensorIndex:
             seen.add(name)
         t = self.initializers.get(name) or self.constants.get(name)
         if t is None:
-            return None
+            return self._folded_shape(name, _depth)
         try:
             return numpy_helper.to_array(t)
         except (ValueError, TypeError, KeyError):
             return None
+
+    def _folded_shape(self, name: str, depth: int) -> np.ndarray | None:
+        """A shape-sized tensor computed from constants by SHAPE_FOLDED_OPS, or None."""
+        node = self.producer.get(name)
+        if node is None or node.op_type not in SHAPE_FOLDED_OPS or depth >= SHAPE_FOLD_DEPTH or not node.input:
+            return None
+        values = [self.constant_value(i, depth + 1) if i else None for i in node.input]
+        if values[0] is None or any(v is not None and v.size > SMALL_TENSOR for v in values):
+            return None
+        try:
+            if node.op_type == "Concat":
+                if any(v is None for v in values):
+                    return None
+                out = np.concatenate(values, axis=_attr(node, "axis") or 0)
+            else:
+                axes = _attr(node, "axes")
+                if axes is None and len(values) > 1:
+                    axes = None if values[1] is None else values[1].tolist()
+                if node.op_type == "Unsqueeze":
+                    out = None if axes is None else np.expand_dims(values[0], axis=tuple(axes))
+                else:
+                    out = np.squeeze(values[0], axis=None if axes is None else tuple(axes))
+        except (ValueError, IndexError, TypeError, np.exceptions.AxisError):
+            return None
+        return out if out is None or out.size <= SMALL_TENSOR else None
 
     def rank(self, name: str) -> int | None:
         return self.ranks.get(name)
