@@ -204,6 +204,80 @@ def _normalisation(mean: str | None, std: str | None, no_normalize: bool) -> dic
     return out
 
 
+#: Old spellings of calibration options, kept working (hidden, with a warning) for one release: old → new.
+RENAMED_CALIBRATION_OPTIONS = {"--data": "--calibrate", "--images": "--calibration-images",
+                               "--batch-size": "--calibration-batch"}
+_CALIBRATION_DESTS = {"--calibrate": "calibrate_data", "--calibration-images": "calibration_images",
+                      "--calibration-batch": "calibration_batch"}
+
+
+def calibration_images_option(command):
+    """--calibration-images N: one definition for every command that calibrates (predict, calibrate, eval)."""
+    return click.option("--calibration-images", type=click.IntRange(min=1), default=512, show_default=True,
+                        help="How many training images to draw (at random) for BN calibration.")(command)
+
+
+def calibration_options(*, required: bool = False, renamed: tuple[str, ...] = (), modes: bool = False):
+    """The calibration options of ``predict`` and ``calibrate``, defined once: --calibrate IMAGES,
+    --calibration-images N, --calibration-batch N, --seed, --mean / --std / --no-normalize, and
+    --calibration-mode where the command can pass it on (``modes``).
+
+    ``renamed``: old spellings (keys of :data:`RENAMED_CALIBRATION_OPTIONS`) the command still
+    takes, hidden from --help; one given prints one warning line and sets its new option (both
+    given is a usage error). ``required``: --calibrate (or its old spelling) must be given.
+    """
+    def decorate(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            ctx = click.get_current_context()
+            for old in renamed:
+                new = RENAMED_CALIBRATION_OPTIONS[old]
+                value, dest = kwargs.pop(_renamed_dest(old)), _CALIBRATION_DESTS[new]
+                if value is None:
+                    continue
+                if ctx.get_parameter_source(dest) is not click.core.ParameterSource.DEFAULT:
+                    raise InputError(f"{old} is the old name of {new}: give {new} alone")
+                click.echo(f"warning: {old} is deprecated and goes in the next release: use {new}", err=True)
+                kwargs[dest] = value
+            if required and kwargs["calibrate_data"] is None:
+                raise InputError("missing option '--calibrate IMAGES' (see "
+                                 f"'{ctx.command_path} --help')")
+            return command(*args, **kwargs)
+
+        for old in reversed(renamed):
+            new = RENAMED_CALIBRATION_OPTIONS[old]
+            kind = click.Path(path_type=Path) if new == "--calibrate" else click.IntRange(min=1)
+            run = click.option(old, _renamed_dest(old), type=kind, default=None, hidden=True,
+                               help=f"Deprecated: {new}.")(run)
+        run = normalisation_options(run)
+        run = click.option("--seed", type=int, default=0, show_default=True,
+                           help="Seed of the calibration subset (which images, in which order).")(run)
+        if modes:
+            from ghn_onnx.bn.modes import CALIBRATION_MODES  # no onnx: --help stays fast
+
+            run = click.option("--calibration-mode", type=click.Choice(CALIBRATION_MODES), default=CALIBRATION_MODES[0],
+                               show_default=True,
+                               help="one-pass: every BN measured in one forward per batch, the BNs above on "
+                                    "that batch's statistics (PyTorch's training mode); sequential: level by "
+                                    "level, the BNs above on their calibrated statistics (exact eval-mode "
+                                    "inputs, ~levels/2 passes); two-pass: one-pass, then one eval-mode pass.")(run)
+        run = click.option("--calibration-batch", type=click.IntRange(min=1), default=64, show_default=True,
+                           help="Images per calibration batch (a model with a fixed batch size is calibrated "
+                                "at its own).")(run)
+        run = calibration_images_option(run)
+        return click.option("--calibrate", "calibrate_data", type=click.Path(path_type=Path), default=None,
+                            required=False, metavar="IMAGES",
+                            help="Calibration images: a folder or .zip of images (train/ only where there are "
+                                 "splits), or a .npy/.npz array." + (" Required." if required else
+                                 " Measure BN running statistics on them."))(run)
+
+    return decorate
+
+
+def _renamed_dest(old: str) -> str:
+    return "renamed_" + old.lstrip("-").replace("-", "_")
+
+
 def _load_ghn(checkpoint_path: Path | None, device: str):
     """The GHN of ``--checkpoint`` (default: the shipped one) and its file."""
     from ghn_onnx.pipeline import load_ghn, resolve_checkpoint
@@ -233,19 +307,13 @@ def _check_device(device: str) -> str:
               help=CHECKPOINT_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the GHN runs.")
-@click.option("--calibrate", "calibrate_data", type=click.Path(path_type=Path), default=None,
-              help="Calibrate BN running statistics on these images (folder, .zip, .npy/.npz).")
-@click.option("--calibration-images", type=int, default=512, show_default=True,
-              help="How many images to draw (at random) for calibration.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the calibration subset.")
-@normalisation_options
+@calibration_options(renamed=("--batch-size",))
 @click.option("--unfold-bn", is_flag=True,
               help="For BN-folded exports: predict as if a BN followed each folded conv, calibrate its "
                    "statistics on --calibrate images, and write the folded conv weight and bias.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @quiet_failure
-def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, batch_size,
+def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, calibration_batch,
             seed, mean, std, no_normalize, unfold_bn, as_json) -> None:
     """Predict every supported parameter of each IN.onnx and write the model(s) back out.
 
@@ -274,7 +342,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
         _check_output(output, models[0])
         outputs = [output]
     ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
-    options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=batch_size,
+    options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=calibration_batch,
                              seed=seed, **_normalisation(mean, std, no_normalize), unfold_bn=unfold_bn, device=device,
                              metadata={"checkpoint_sha256": file_sha256(ckpt)})
     failed: list[GhnOnnxError] = []  # -O: inputs that could not be predicted, reported at the end
@@ -305,14 +373,10 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", metavar="IN.onnx", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output file.")
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Calibration images: a folder or .zip of images, or a .npy/.npz array.")
-@click.option("--images", type=int, default=512, show_default=True, help="How many images to draw at random.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size of the passes.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the image subset.")
-@normalisation_options
+@calibration_options(required=True, renamed=("--data", "--images", "--batch-size"), modes=True)
 @quiet_failure
-def calibrate(model, output, data, images, batch_size, seed, mean, std, no_normalize) -> None:
+def calibrate(model, output, calibrate_data, calibration_images, calibration_batch, calibration_mode, seed, mean, std,
+              no_normalize) -> None:
     """Measure BN running statistics of IN.onnx on images and write them (nothing else changes).
 
     Images come from the train/ split of a folder or zip that has splits, are resized to the
@@ -331,8 +395,8 @@ def calibrate(model, output, data, images, batch_size, seed, mean, std, no_norma
             click.echo(f"wrote {output} unchanged: {model.name} has no BatchNormalization with stored running "
                        "statistics, nothing to calibrate")
             return
-        calibration = calibration_set(m, data, images, batch_size, seed, **normalisation)
-        save_model(calibrate_bn(m, calibration.batches), output, source_path=model)
+        calibration = calibration_set(m, calibrate_data, calibration_images, calibration_batch, seed, **normalisation)
+        save_model(calibrate_bn(m, calibration.batches, mode=calibration_mode), output, source_path=model)
     except GhnOnnxError as exc:
         raise _user_error(exc) from None
     for note in calibration.notes:
@@ -650,8 +714,7 @@ def _eval_models(value: str) -> tuple[str, ...]:
               help="torchvision models also trained from the GHN's prediction (slow on CPU).")
 @click.option("--sgd-batch-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Images per SGD step.")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Training images for calibrated BN statistics.")
+@calibration_images_option
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Test batch size: batch-statistics BN uses the statistics of each batch.")
 @click.option("--seed", type=int, default=0, show_default=True,

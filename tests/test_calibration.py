@@ -328,6 +328,20 @@ def test_statistics_model_outputs_what_each_bn_normalised_with(opset, rank):
         statistics_model(model, ["x"])
 
 
+def test_statistics_model_can_leave_the_bns_on_their_stored_statistics():
+    rng = np.random.default_rng(3)
+    model = bn_model(rng, opset=17)
+    model.graph.node.append(onnx.helper.make_node("BatchNormalization", ["y", "s", "B", "m", "v"], ["z"], epsilon=1e-3))
+    model.graph.output[0].name = "z"
+    probing, probes = statistics_model(model, ["y", "z"], batch_statistics=False)
+    x = (rng.standard_normal((6, 4, 5, 5)) * 3 + 2).astype(np.float32)
+    sess = __import__("onnxruntime").InferenceSession(probing.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    hidden = run(bn_model(np.random.default_rng(3), opset=17), x).astype(np.float64)  # the first BN in eval mode
+    np.testing.assert_allclose(got[probes[1].mean].ravel(), hidden.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[probes[1].var].ravel(), hidden.var(axis=(0, 2, 3)), rtol=1e-5)
+
+
 # -- calibration data ----------------------------------------------------------------------------
 
 def test_npy_uint8_nhwc_and_nchw(tmp_path):
@@ -508,9 +522,9 @@ def test_nhwc_export_calibrates_from_an_image_folder(tmp_path):
 
     write_split_pngs(tmp_path / "data", {"train": 6, "test": 3})
     src, out = FRAMEWORKS / "flax_cnn.onnx", tmp_path / "cal.onnx"
-    res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(out), "--data", str(tmp_path / "data"),
-                                    "--images", "6", "--batch-size", "4", "--seed", "1", "--mean", "0.5",
-                                    "--std", "0.25,0.25,0.25"])
+    res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(out), "--calibrate", str(tmp_path / "data"),
+                                    "--calibration-images", "6", "--calibration-batch", "4", "--seed", "1",
+                                    "--mean", "0.5", "--std", "0.25,0.25,0.25"])
     assert res.exit_code == 0, res.output
     assert "BN statistics from 6 images" in res.output
     x = load_calibration_data(tmp_path / "data", (16, 16, 3), 6, seed=1, mean=(0.5,), std=(0.25,), layout="NHWC")
@@ -546,8 +560,8 @@ def test_fixed_batch_export_calibrates_at_its_own_batch_size(tmp_path):
     assert [len(b) for b in data.batches] == [4, 4] and data.images == 8
     assert any("fixed batch size of 4" in n for n in data.notes) and any("rounded down to 8" in n for n in data.notes)
     out = tmp_path / "cal.onnx"
-    res = CliRunner().invoke(main, ["calibrate", str(f), "-o", str(out), "--data", str(tmp_path / "u8.npy"),
-                                    "--images", "10"])
+    res = CliRunner().invoke(main, ["calibrate", str(f), "-o", str(out), "--calibrate", str(tmp_path / "u8.npy"),
+                                    "--calibration-images", "10"])
     assert res.exit_code == 0, res.output
     assert "BN statistics from 8 images" in res.stdout and "fixed batch size of 4" in res.stderr
     reference = torch_calibrate(module, data.batches)
@@ -583,7 +597,7 @@ def test_calibrate_command_on_a_model_without_bn(tmp_path):
     from ghn_onnx.cli import main
 
     src, out = FRAMEWORKS / "torch_vit.onnx", tmp_path / "out.onnx"
-    res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(out), "--data", str(tmp_path / "missing")])
+    res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(out), "--calibrate", str(tmp_path / "missing")])
     assert res.exit_code == 0, res.output
     assert "unchanged" in res.output and "nothing to calibrate" in res.output
     assert onnx.load(out).graph == onnx.load(src).graph
@@ -613,8 +627,66 @@ def test_normalisation_flag_errors(args, message, tmp_path):
     from ghn_onnx.cli import main
 
     res = CliRunner().invoke(main, ["calibrate", str(FRAMEWORKS / "torch_cnn.onnx"), "-o", str(tmp_path / "o.onnx"),
-                                    "--data", str(tmp_path), *args])
+                                    "--calibrate", str(tmp_path), *args])
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_calibration_options_are_the_same_on_predict_and_calibrate():
+    from ghn_onnx.cli import main
+
+    def options(command: str) -> dict:
+        return {p.opts[0]: (type(p.type), p.default) for p in main.commands[command].params
+                if p.opts[0].startswith(("--calibrat", "--seed", "--mean", "--std", "--no-normalize")) and not p.hidden}
+
+    shared = {"--calibrate", "--calibration-images", "--calibration-batch", "--seed", "--mean", "--std", "--no-normalize"}
+    assert set(options("predict")) == shared and set(options("calibrate")) == shared | {"--calibration-mode"}
+    assert {k: v for k, v in options("calibrate").items() if k in shared} == options("predict")
+    assert options("eval")["--calibration-images"] == options("predict")["--calibration-images"]
+
+
+def test_old_option_names_still_work_with_one_warning(tmp_path):
+    """--data / --images / --batch-size (calibrate) and --batch-size (predict): hidden for one release."""
+    from ghn_onnx.cli import main
+
+    np.save(tmp_path / "u8.npy", np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    src = FRAMEWORKS / "torch_cnn.onnx"
+    new = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(tmp_path / "new.onnx"), "--calibrate",
+                                    str(tmp_path / "u8.npy"), "--calibration-images", "5", "--calibration-batch", "2"])
+    old = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(tmp_path / "old.onnx"), "--data",
+                                    str(tmp_path / "u8.npy"), "--images", "5", "--batch-size", "2"])
+    assert new.exit_code == 0 and old.exit_code == 0, (new.output, old.output)
+    assert "deprecated" not in new.stderr
+    for was, now in (("--data", "--calibrate"), ("--images", "--calibration-images"), ("--batch-size", "--calibration-batch")):
+        assert old.stderr.count(f"warning: {was} is deprecated and goes in the next release: use {now}") == 1
+    assert onnx.load(tmp_path / "old.onnx") == onnx.load(tmp_path / "new.onnx")
+    for args, message in ((["--data", "x", "--calibrate", "x"], "--data is the old name of --calibrate: give --calibrate alone"),
+                          ([], "missing option '--calibrate IMAGES'")):
+        res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(tmp_path / "o.onnx"), *args])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+    help_text = CliRunner().invoke(main, ["calibrate", "--help"]).output
+    assert "--calibration-batch" in help_text and "--images" not in help_text and "--data" not in help_text
+    res = CliRunner().invoke(main, ["predict", str(src), "-o", str(tmp_path / "p.onnx"), "--batch-size", "0"])
+    assert res.exit_code == 2 and "--batch-size" in res.output  # the old name still checks its value
+
+
+def test_calibrate_command_takes_the_mode(tmp_path):
+    from ghn_onnx.cli import main
+
+    np.save(tmp_path / "u8.npy", np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    src = FRAMEWORKS / "torch_cnn.onnx"
+    outs = {}
+    for mode in CALIBRATION_MODES:
+        out = tmp_path / f"{mode}.onnx"
+        res = CliRunner().invoke(main, ["calibrate", str(src), "-o", str(out), "--calibrate", str(tmp_path / "u8.npy"),
+                                        "--calibration-images", "6", "--calibration-batch", "3",
+                                        "--calibration-mode", mode])
+        assert res.exit_code == 0, res.output
+        outs[mode] = onnx.load(out)
+    x = load_calibration_data(tmp_path / "u8.npy", (3, 16, 16), 6)
+    model = onnx.load(src)
+    for mode, got in outs.items():
+        assert got == calibrate_bn(model, list(iter_batches(x, 3)), mode=mode)
+    assert outs["one-pass"] != outs["sequential"]  # two batches, BNs below BNs: the modes differ
 
 
 def test_calibration_data_that_is_not_a_regular_file_is_refused(tmp_path):

@@ -165,16 +165,19 @@ class BnProbe:
 TRAINING_MODE_OPSET = 14
 
 
-def statistics_model(model: onnx.ModelProto, bns: Sequence[str]) -> tuple[onnx.ModelProto, list[BnProbe]]:
-    """A copy of ``model`` where each BatchNormalization whose first output is in ``bns`` normalises
-    with the statistics of the current batch (as :func:`batch_stats_model`, i.e. PyTorch's
-    training-mode forward) and also outputs them: ``bns[i]``'s are the outputs ``probes[i]``.
+def statistics_model(model: onnx.ModelProto, bns: Sequence[str], *,
+                     batch_statistics: bool = True) -> tuple[onnx.ModelProto, list[BnProbe]]:
+    """A copy of ``model`` that outputs the batch statistics of the input of each BatchNormalization
+    whose first output is in ``bns``: ``bns[i]``'s are the outputs ``probes[i]``.
 
-    From opset 14 the BN node itself does it: ``training_mode=1, momentum=0`` makes it normalise
-    with the batch's mean and biased variance and output them as its running statistics (one
-    fused pass over its input in onnxruntime). Before opset 14, the statistics are computed
-    explicitly (:func:`_explicit_statistics`) and the BN normalises with them in inference mode.
-    Other BNs keep their stored statistics. The graph's outputs are the probes only.
+    With ``batch_statistics``, those BNs also normalise with them (as :func:`batch_stats_model`,
+    i.e. PyTorch's training-mode forward). From opset 14 the BN node itself does it:
+    ``training_mode=1, momentum=0`` makes it normalise with the batch's mean and biased variance
+    and output them as its running statistics (one fused pass over its input in onnxruntime).
+    Before opset 14, the statistics are computed explicitly (:func:`_explicit_statistics`) and the
+    BN normalises with them in inference mode. Without ``batch_statistics`` every BN keeps its
+    stored statistics and the statistics are computed explicitly: the inputs an eval-mode model
+    gives its BNs, measured without fetching them. The graph's outputs are the probes only.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -182,7 +185,8 @@ def statistics_model(model: onnx.ModelProto, bns: Sequence[str]) -> tuple[onnx.M
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 1)
     uses = consumer_counts(out)
     types: dict[str, int] = {}
-    if opset < TRAINING_MODE_OPSET:
+    explicit = opset < TRAINING_MODE_OPSET or not batch_statistics
+    if explicit:
         types = {name: elem for name, (elem, _) in _value_types(out).items() if elem}
         types.update((t.name, t.data_type) for t in g.initializer)
     names = {t for n in g.node for t in list(n.input) + list(n.output)} | {t.name for t in g.initializer}
@@ -209,12 +213,12 @@ def statistics_model(model: onnx.ModelProto, bns: Sequence[str]) -> tuple[onnx.M
         del node.attribute[:]
         node.attribute.extend(kept)
         del node.output[1:]
-        if opset >= TRAINING_MODE_OPSET:
+        if not explicit:
             mean, var = fresh("mean"), fresh("var")
             node.attribute.extend([helper.make_attribute("training_mode", 1), helper.make_attribute("momentum", 0.0)])
             node.output.extend([mean, var])
         else:
-            mean, var = _explicit_statistics(node, fresh, types, new_nodes, new_inits)
+            mean, var = _explicit_statistics(node, fresh, types, new_nodes, new_inits, rewire=batch_statistics)
         new_nodes.append(node)
         probes[i] = BnProbe(mean, var, shape)
     missing = [b for b, p in zip(bns, probes) if p is None]
@@ -229,9 +233,9 @@ def statistics_model(model: onnx.ModelProto, bns: Sequence[str]) -> tuple[onnx.M
 
 
 def _explicit_statistics(node: onnx.NodeProto, fresh, types: dict[str, int], new_nodes: list[onnx.NodeProto],
-                         new_inits: list[onnx.TensorProto]) -> tuple[str, str]:
-    """Opsets before 14: nodes (appended to ``new_nodes``) computing the batch statistics of BN
-    ``node``'s input ``x`` (N, C, ...), which ``node`` is rewired to normalise with; their names.
+                         new_inits: list[onnx.TensorProto], rewire: bool) -> tuple[str, str]:
+    """Nodes (appended to ``new_nodes``) computing the batch statistics of BN ``node``'s input
+    ``x`` (N, C, ...), which ``node`` is rewired to normalise with when ``rewire``; their names.
 
     ``r = x`` reshaped to (N, C, positions) (cast to float32 unless it is float32 or float64, so
     that 16-bit sums keep their precision), ``mean = mean(r)`` and ``var = mean((r - mean)^2)``
@@ -259,6 +263,8 @@ def _explicit_statistics(node: onnx.NodeProto, fresh, types: dict[str, int], new
         vec = fresh(f"{stat.rsplit('/', 1)[-1]}_c")
         new_nodes.append(helper.make_node("Reshape", [stat, vec_t.name], [vec], fresh("Reshape")))
         result.append(vec)
+        if not rewire:
+            continue
         stat_elem = types.get(node.input[k], onnx.TensorProto.FLOAT)
         if stat_elem != computed:
             cast = fresh("cast")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from ghn_onnx.bn.batch_stats import batch_stats_model, statistics_model
 from ghn_onnx.bn.images import (CIFAR10_MEAN, CIFAR10_STD, CalibrationSet, InputSpec, calibration_batches,
                                 calibration_set, data_input, input_spec, iter_batches, load_calibration_data)
+from ghn_onnx.bn.modes import CALIBRATION_MODES, CalibrationMode
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.graph.graph import Graph, reachable
 from ghn_onnx.graph.primitives import Primitive
@@ -35,9 +36,6 @@ __all__ = ["calibrate_bn", "CALIBRATION_MODES", "CalibrationMode", "calibration_
            "CIFAR10_MEAN", "CIFAR10_STD"]
 
 Batch = np.ndarray | Mapping[str, np.ndarray]
-CalibrationMode = Literal["one-pass", "two-pass", "sequential"]
-#: How :func:`calibrate_bn` may measure (see there); the first is the default.
-CALIBRATION_MODES: tuple[str, ...] = ("one-pass", "two-pass", "sequential")
 
 
 @dataclass
@@ -107,7 +105,8 @@ def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Gra
       each level is one run over the data on the model pruned to what its BN inputs need: cost
       ≈ (levels / 2) full passes (minutes for a ResNet-50).
     * ``"two-pass"``: one-pass, then one eval-mode pass measuring every BN input at once with the
-      one-pass statistics above it: one step from one-pass towards the sequential result.
+      one-pass statistics above it (in the graph: ReduceMean / Sub / Mul / ReduceMean per BN):
+      one step from one-pass towards the sequential result.
 
     The three agree exactly for one batch (batch and population statistics are then equal) and
     for BNs with no calibrated BN above them; otherwise they differ by how much a batch's
@@ -148,9 +147,9 @@ def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Gra
             group = [bn for bn in bns if bn.level == level]
             _store(out, group, _measure(out, [bn.x for bn in group], feeds, threads))
         return out
-    _store(out, bns, _measure_one_pass(out, bns, feeds, threads))
+    _store(out, bns, _measure_in_graph(out, bns, feeds, threads, batch_statistics=True))
     if mode == "two-pass":
-        _store(out, bns, _measure(out, [bn.x for bn in bns], feeds, threads))
+        _store(out, bns, _measure_in_graph(out, bns, feeds, threads, batch_statistics=False))
     return out
 
 
@@ -167,10 +166,11 @@ def _store(model: onnx.ModelProto, bns: list[_Bn], moments: list[_Moments]) -> N
             set_tensor_values(t, cast_to_stored(value, t.data_type, f"BN statistics {name!r}"))
 
 
-def _measure_one_pass(model: onnx.ModelProto, bns: list[_Bn], feeds: list[dict[str, np.ndarray]],
-                      threads: int | None) -> list[_Moments]:
-    """Pooled moments of every BN input with the calibrated BNs on batch statistics: one run per feed."""
-    probing, probes = statistics_model(model, [bn.y for bn in bns])
+def _measure_in_graph(model: onnx.ModelProto, bns: list[_Bn], feeds: list[dict[str, np.ndarray]],
+                      threads: int | None, batch_statistics: bool) -> list[_Moments]:
+    """Pooled moments of every BN input, the BNs on batch statistics or (not ``batch_statistics``)
+    on their stored ones: one run per feed, the statistics computed in the graph."""
+    probing, probes = statistics_model(model, [bn.y for bn in bns], batch_statistics=batch_statistics)
     names = [n for p in probes for n in (p.mean, p.var, p.shape)]
     session = _session(_prune(probing, names), threads)
     moments = [_Moments() for _ in bns]
