@@ -164,7 +164,7 @@ def test_file_to_file_benchmark_reports_both_routes_and_the_copy():
     assert {"spliced_s", "reserialized_s", "copy_s", "copy_fsync_s"} <= set(r["in_process"])
     assert set(r["in_process"]["stages_s"]) == {"load", "prepare", "ghn", "predicted_model", "save_predicted", "fill"}
     table = format_result(r)
-    assert "| predict_files, spliced" in table and "ghn-onnx predict" not in table
+    assert "| predict_files, spliced, return_models=False" in table and "marginal per file" not in table
 
 
 # -- the splicer and the walker ----------------------------------------------------------------
@@ -242,3 +242,24 @@ def test_walker_ends_with_pieces_or_a_wire_error_on_garbage():
         except raw.WireError:
             outcomes["error"] += 1
     assert outcomes["error"] > 1000 and outcomes["pieces"] > 100, outcomes
+
+
+def test_inputs_without_data_files_are_not_parsed_again(tmp_path, monkeypatch):
+    """An existing output is checked against the input's data files; an input that names none
+    (no ``location`` key anywhere, found by a scan in small reads) is not parsed for them."""
+    monkeypatch.setattr(writeback, "SCAN_CHUNK", 64)
+    for at in (0, 1, 56, 57, 63, 64, 65, 127, 300):
+        with_key, without = tmp_path / f"k{at}", tmp_path / f"n{at}"
+        with_key.write_bytes(b"\0" * at + b"location" + b"\0" * 9)
+        without.write_bytes(b"\0" * at + b"locatio" + b"\0" * 9)
+        assert writeback._may_name_data_files(with_key) and not writeback._may_name_data_files(without), at
+    os.mkfifo(tmp_path / "fifo")
+    assert writeback._may_name_data_files(tmp_path / "fifo") and writeback._may_name_data_files(tmp_path)
+    src = tmp_path / "in.onnx"
+    onnx.save(conv_model(), str(src), save_as_external_data=True, size_threshold=0, location="in.onnx.data")
+    assert writeback._external_data_files(src) == [tmp_path / "in.onnx.data"]
+    onnx.save(conv_model(), str(src))
+    parsed: list[int] = []
+    real = onnx.load_model_from_string
+    monkeypatch.setattr(onnx, "load_model_from_string", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    assert writeback._external_data_files(src) == [] and parsed == []

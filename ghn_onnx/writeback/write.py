@@ -34,7 +34,7 @@ import onnx
 
 from ghn_onnx.errors import GhnOnnxError, OutputError
 from ghn_onnx.graph.graph import Graph, ParamRef
-from ghn_onnx.onnx_io.files import check_output_file, read_regular_file
+from ghn_onnx.onnx_io.files import READ_FLAGS, check_output_file, read_regular_file
 from ghn_onnx.onnx_io.storage import (DATA_FIELDS, FLOAT_TYPES, cast_to_stored, np_dtype, set_tensor_values,
                                       stored_tensors, tensor_nbytes)
 from ghn_onnx.version import __version__
@@ -46,6 +46,8 @@ RESERVED_KEYS = frozenset({"ghn_onnx.version", "ghn_onnx.predicted_tensors"})
 # Output models at or above this serialized size are saved with external data (protobuf's limit).
 MAX_PROTOBUF_BYTES = onnx.checker.MAXIMUM_PROTOBUF
 EXTERNAL_SIZE_THRESHOLD = 1024  # bytes; smaller tensors stay inline
+LOCATION_KEY = b"location"  # the external_data key naming a tensor's data file
+SCAN_CHUNK = 1 << 20  # bytes per read when scanning an input for LOCATION_KEY: stays in cache
 
 
 def resolve_shared(graph: Graph) -> dict[str, ParamRef]:
@@ -429,16 +431,47 @@ def _external_data_files(model_path: Path) -> list[Path]:
     """The external data files that the model file at ``model_path`` refers to (none if it is
     not a readable ONNX file)."""
     try:
+        if not _may_name_data_files(model_path):
+            return []
         data = read_regular_file(model_path, MAX_PROTOBUF_BYTES, GhnOnnxError, "an .onnx file",
                                  "an ONNX file can hold")
-        if b"location" not in data:  # every reference to a data file holds this key, verbatim: no need to parse
-            return []
         skeleton = onnx.load_model_from_string(data)
     except Exception:  # not readable as ONNX: it has no data files we could clobber
         return []
     tensors = list(skeleton.graph.initializer) + list(stored_tensors(skeleton).values())
     locations = {e.value for t in tensors for e in t.external_data if e.key == "location"}
     return [model_path.parent / loc for loc in sorted(locations) if isinstance(loc, str)]
+
+
+def _may_name_data_files(path: Path) -> bool:
+    """False only where the file at ``path`` surely refers to no external data file: a regular
+    file without the bytes ``location`` (every reference holds that key, verbatim). A scan through
+    one small buffer: no copy of the file, no parse (the input of a ResNet-50 is 94 MB)."""
+    keep = len(LOCATION_KEY) - 1  # carried from one read to the next: a key across two reads
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except OSError:
+        return True
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return True  # the full read refuses it
+        buf = bytearray(SCAN_CHUNK + keep)
+        view, carried, total = memoryview(buf), 0, 0
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            while True:
+                n = f.readinto(view[carried:])
+                if not n:
+                    return False
+                total += n
+                end = carried + n
+                if total > MAX_PROTOBUF_BYTES or buf.find(LOCATION_KEY, 0, end) >= 0:
+                    return True
+                carried = min(keep, end)
+                buf[:carried] = buf[end - carried:end]
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
