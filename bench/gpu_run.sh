@@ -35,6 +35,11 @@ timeout 180 $PY -m ghn_onnx.cli bench --device cuda --repeats 10 --json "$OUT/be
   > "$OUT/bench.log" 2>&1
 echo "bench exit $?" >> "$OUT/env.txt"
 
+# 2b. GHN-3-T end to end (ghn3-parity is not carried: random GHN-3-T on torchvision exports);
+#     its table goes into bench.log, so the files that come back stay at 8
+timeout 150 $PY -m ghn_onnx.benchmarks.ghn3 --device cuda --rounds 5 --threads 0 >> "$OUT/bench.log" 2>&1
+echo "ghn3 bench exit $?" >> "$OUT/env.txt"
+
 # 3. training until the deadline (60 s margin for the final save and the copy back)
 BUDGET=$(( $(left) - 60 ))
 if [ "$BUDGET" -gt 60 ]; then

@@ -38,7 +38,7 @@ import pytest  # noqa: E402
 from ghn_graphs import fresh_ghn, odd_shapes_graph, random_dag, small_head_graph, two_node_graph  # noqa: E402
 
 from ghn_onnx.convert import convert_file  # noqa: E402
-from ghn_onnx.ghn import checkpoint, triton_support  # noqa: E402
+from ghn_onnx.ghn import checkpoint, cpu_threads, triton_support  # noqa: E402
 from ghn_onnx.ghn.hypernet import engines, numba_sweep  # noqa: E402
 from ghn_onnx.ghn.hypernet.gatedgnn import GatedGNN  # noqa: E402
 from ghn_onnx.graph.batch import GraphBatch  # noqa: E402
@@ -255,8 +255,11 @@ def test_packed_weights_name_the_twelve_tensors():
 
 # -- numba: threads -----------------------------------------------------------------------------
 @pytest.mark.parametrize("ve", [True, False])
-def test_numba_is_the_same_for_any_thread_count(ve):
-    """Threads sweep different graphs; the order within a graph, hence every bit, is fixed."""
+def test_numba_is_the_same_for_any_thread_count(ve, monkeypatch):
+    """Threads sweep different graphs; the order within a graph, hence every bit, is fixed. (The
+    thread rule is told the machine is idle and the work big, so the configured count runs.)"""
+    monkeypatch.setattr(cpu_threads, "free_cpus", lambda: 64)
+    monkeypatch.setattr(numba_sweep, "WORK_PER_THREAD", 1)
     torch.manual_seed(15)
     gnn = GatedGNN(32, ve=ve)
     batch = GraphBatch.build([random_dag(n, seed, fan=3) for seed, n in enumerate([40, 5, 1, 70, 23])], virtual=ve)

@@ -28,7 +28,12 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; the per-tensor path still works
     numba = None
 
+from ghn_onnx.ghn import cpu_threads
 from ghn_onnx.ghn.decode.flat import DecodePlan
+
+#: Output elements worth a thread of their own (4 MB, ~0.3 ms of writing): below it waking a
+#: worker costs more than it saves (:mod:`~ghn_onnx.ghn.cpu_threads`).
+ELEMENTS_PER_THREAD = 1 << 20
 
 
 def available() -> bool:
@@ -128,7 +133,8 @@ def store(plan: DecodePlan, src: torch.Tensor) -> torch.Tensor:
                          f"(got {src.dtype} {tuple(src.shape)} on {src.device})")
     work = _work_lists(plan)
     out = OUTPUT.get(plan.total)
-    _store(src.detach().contiguous().numpy(), out, *work)  # _Work's fields in order
+    with cpu_threads.numba_threads(plan.total, ELEMENTS_PER_THREAD):  # same values for any count
+        _store(src.detach().contiguous().numpy(), out, *work)  # _Work's fields in order
     return torch.from_numpy(out)
 
 

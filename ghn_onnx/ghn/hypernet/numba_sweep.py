@@ -22,6 +22,7 @@ import numba
 import numpy as np
 import torch
 
+from ghn_onnx.ghn import cpu_threads
 from ghn_onnx.ghn.hypernet.gatedgnn import GatedGNN
 from ghn_onnx.ghn.hypernet.sweep_plan import RowOrder, sweep_csr_plan
 from ghn_onnx.graph.batch import GraphBatch
@@ -61,8 +62,18 @@ def graph_parts(batch: GraphBatch, parts: int) -> GraphParts:
     return batch.plan(_deal_graphs, "cpu", (parts,))
 
 
+#: Sweep work (:func:`_deal_graphs`' units: 200 per node plus 1 per edge) worth a thread of its
+#: own: ~0.5 ms, a DeepNets graph; below it waking a worker costs more than it saves.
+WORK_PER_THREAD = 25_000
+
+
 def _threads(batch: GraphBatch) -> int:
+    """The parts graphs are dealt to: the configured thread count, at most one per graph."""
     return max(1, min(numba.get_num_threads(), len(batch.graphs)))
+
+
+def _work(batch: GraphBatch) -> int:
+    return 200 * batch.n_nodes + len(batch.edges)
 
 
 def prepare(batch: GraphBatch) -> None:
@@ -83,10 +94,12 @@ def run(gnn: GatedGNN, h: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
     parts = graph_parts(batch, _threads(batch))
     fwd, bwd = csr.forward, csr.backward
     state = np.array(np.ascontiguousarray(h.detach().numpy(), dtype=np.float32), dtype=np.float32, copy=True)
-    _sweeps(state, batch.offsets.astype(np.int64), parts.part_ptr, parts.graph_ids,
-            fwd.edge_ptr, fwd.edge_src, fwd.edge_one_hop, fwd.edge_inv_dist,
-            bwd.edge_ptr, bwd.edge_src, bwd.edge_one_hop, bwd.edge_inv_dist,
-            *(t.numpy() for t in w.tensors()), w.use_ve)
+    # the parts run on as many threads as the machine spares (cpu_threads): same values for any count
+    with cpu_threads.numba_threads(_work(batch), WORK_PER_THREAD, limit=len(parts.part_ptr) - 1):
+        _sweeps(state, batch.offsets.astype(np.int64), parts.part_ptr, parts.graph_ids,
+                fwd.edge_ptr, fwd.edge_src, fwd.edge_one_hop, fwd.edge_inv_dist,
+                bwd.edge_ptr, bwd.edge_src, bwd.edge_one_hop, bwd.edge_inv_dist,
+                *(t.numpy() for t in w.tensors()), w.use_ve)
     return torch.from_numpy(state)
 
 
