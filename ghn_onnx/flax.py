@@ -438,10 +438,15 @@ def export(module: Any, state: _State, example_input: Any, apply_kwargs: Mapping
     fn = lambda *x: apply(tree, *x)  # noqa: E731 -- the variables are constants of the export
     try:
         with _without_equinox_plugins():
-            return to_onnx(fn, specs, model_name=type(module).__name__)
+            model = to_onnx(fn, specs, model_name=type(module).__name__)
     except Exception as exc:  # jax and jax2onnx raise many types; all mean "cannot be exported"
         raise GhnOnnxError(f"{type(module).__name__}: the jax2onnx export failed: "
                            f"{' '.join(str(exc).split())[:300]}") from None
+    # jax2onnx (0.17) keeps the NHWC shapes of intermediate tensors in value_info after it moves
+    # ops between its layout Transposes (a Relu computed in NCHW is declared NHWC; onnxruntime
+    # warns "Error merging shape info"); shapes are inferred from the nodes instead.
+    del model.graph.value_info[:]
+    return model
 
 
 # jax2onnx imports every plugin tree before its first export. Its equinox plugins build equinox
@@ -588,7 +593,8 @@ def _verify(module: Any, state: _State, tree: Any, example_input: Any, apply_kwa
             model: onnx.ModelProto) -> None:
     """The Flax forward with variables ``tree`` equals onnxruntime on ``model``, on ``example_input``."""
     import jax
-    import onnxruntime as ort
+
+    from ghn_onnx.threads import inference_session
 
     args = _inputs(example_input)
     kwargs = _kwargs(apply_kwargs)
@@ -602,7 +608,7 @@ def _verify(module: Any, state: _State, tree: Any, example_input: Any, apply_kwa
         raise GhnOnnxError(f"{type(module).__name__}: the Flax forward failed: {' '.join(str(exc).split())[:300]}"
                            ) from None
     expected = [np.asarray(y, np.float64) for y in jax.tree_util.tree_leaves(outputs)]
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = inference_session(model, log_level=2)
     got = sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), args)})
     for k, (y, o) in enumerate(zip(expected, got)):
         scale = max(1.0, float(np.abs(y).max(initial=0.0)))

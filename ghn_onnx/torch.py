@@ -12,7 +12,8 @@ kept, no constant folding, opset 17), predicted with :func:`ghn_onnx.pipeline.pr
 predicted tensor is copied back into the parameter it was exported from (:func:`match_parameters`),
 cast to the parameter's dtype on the parameter's device. Calibration data, when given, also sets
 the BN running statistics, measured on the predicted ONNX model (:mod:`ghn_onnx.bn`). The module
-keeps its device, dtype and train/eval mode; only a copy is exported.
+keeps its device, dtype and train/eval mode; only a copy is exported. :func:`calibrate_` sets
+the BN statistics alone, the same way (a fair baseline: the module's own init, calibrated).
 
 No silent misses: a predicted tensor that cannot be matched to one parameter is an error, and the
 :class:`Report` says, for every parameter not predicted, why it kept its own initialisation.
@@ -38,7 +39,8 @@ from ghn_onnx.bn.calibration import calibrate_bn, calibration_targets, iter_batc
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.onnx_io.storage import alias_source, is_batch_norm, stored_tensors, untie_aliases
-from ghn_onnx.pipeline import NO_BN_TO_CALIBRATE, Prediction, PredictOptions, _set_bn_metadata, load_ghn, predict
+from ghn_onnx.pipeline import (NO_BN_TO_CALIBRATE, Prediction, PredictOptions, _calibrate, _set_bn_metadata,
+                               bn_status, load_ghn, predict, prepare)
 from ghn_onnx.writeback.write import resolve_shared
 
 OPSET = 17
@@ -122,14 +124,7 @@ def init_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch.
             predicted tensor that matches no parameter (nothing is copied then).
         TypeError: an unknown option, or ``unfold_bn`` / ``calibrate`` given as an option.
     """
-    bad = sorted(NOT_OPTIONS & set(predict_options))
-    if bad:
-        raise TypeError(f"init_ does not take {', '.join(bad)} as an option (it exports with BN kept; pass "
-                        "calibration data as calibrate=)")
-    known = {f.name for f in dataclasses.fields(PredictOptions)} - NOT_OPTIONS
-    unknown = sorted(set(predict_options) - known)
-    if unknown:  # before the export, which takes seconds
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+    _check_options("init_", predict_options)  # before the export, which takes seconds
     exported = export(module, example_input)
     ghn = checkpoint if isinstance(checkpoint, GHN) or checkpoint is None else load_ghn(
         checkpoint, predict_options.get("device") or "cpu")
@@ -138,6 +133,55 @@ def init_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch.
     if calibrate is not None and by_path is None:
         _calibrate_on_inputs(pred, calibrate, predict_options.get("batch_size", PredictOptions.batch_size))
     return copy_prediction(module, pred, exported)
+
+
+def calibrate_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor],
+               data: CalibrationData, **options) -> list[str]:
+    """Set ``module``'s BN running statistics as ``init_(..., calibrate=data)`` sets them, in
+    place, without predicting anything: measured on its ONNX export by :mod:`ghn_onnx.bn`, then
+    copied into the BN buffers. The parameters are not touched. A module's own initialisation
+    calibrated this way is the fair baseline for an ``init_`` one.
+
+    Args:
+        module, example_input, data, options: as :func:`init_` (``data`` is its ``calibrate``;
+            ``options`` its calibration fields: ``calibration_images``, ``batch_size``, ``seed``,
+            ``mean``, ``std``, ``no_normalize``).
+
+    Returns:
+        the BN buffer names set (``running_mean`` / ``running_var``); empty for a module without BN.
+
+    Raises:
+        GhnOnnxError: the module cannot be exported, bad calibration data.
+        TypeError: an unknown option.
+    """
+    _check_options("calibrate_", options)
+    exported = export(module, example_input)
+    model, graph = prepare(exported, type(module).__name__)
+    pred = Prediction(name=type(module).__name__, model=model, graph=graph, predicted_tensors=0,
+                      predicted_elements=0, bn_status=bn_status(graph))
+    if isinstance(data, (str, os.PathLike)):
+        _calibrate(pred, PredictOptions(calibrate=data, **options))
+    else:
+        _calibrate_on_inputs(pred, data, options.get("batch_size", PredictOptions.batch_size))
+    if not pred.bn_status.startswith("calibrated"):
+        return []
+    statistics = _statistics(pred, exported, module)
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in statistics.items():
+            _copy(buffers[name], value, name)
+    return list(statistics)
+
+
+def _check_options(caller: str, options: Mapping[str, object]) -> None:
+    bad = sorted(NOT_OPTIONS & set(options))
+    if bad:
+        raise TypeError(f"{caller} does not take {', '.join(bad)} as an option (it exports with BN kept; pass "
+                        "calibration data as an argument)")
+    known = {f.name for f in dataclasses.fields(PredictOptions)} - NOT_OPTIONS
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
 
 
 def copy_prediction(module: torch.nn.Module, prediction: Prediction, exported: onnx.ModelProto) -> Report:

@@ -174,6 +174,7 @@ def check_report(before: dict, after: dict, report, calibrated: bool) -> None:
     assert {a.dtype for a in after.values()} == {b.dtype for b in before.values()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_linen_forward_equals_the_predicted_onnx(name, ghn, live, shared_dir):
     import jax
@@ -205,6 +206,7 @@ def test_linen_forward_equals_the_predicted_onnx(name, ghn, live, shared_dir):
     assert report.format().startswith(f"predicted {len(report.predicted)} of {len(before)} leaves")
 
 
+@pytest.mark.slow
 def test_nnx_model_calibrated_on_an_array(ghn):
     """nnx: a new model comes back, the one given keeps its state; BN statistics from an array."""
     import jax
@@ -232,6 +234,7 @@ def test_nnx_model_calibrated_on_an_array(ghn):
         init(model, nnx.state(model), data[:2], checkpoint=ghn)
 
 
+@pytest.mark.slow
 def test_a_fresh_export_maps_as_the_fixture(live):
     """The committed fixtures still describe what jax2onnx writes (regenerate them otherwise)."""
     maker = load_module(FIXTURES / "make_fixtures.py")
@@ -240,6 +243,7 @@ def test_a_fresh_export_maps_as_the_fixture(live):
         assert record == fixture(name)[1], f"{name}: run tests/fixtures/flax/make_fixtures.py"
 
 
+@pytest.mark.slow
 def test_unmatched_predictions_are_errors(ghn, linen):
     import jax
 
@@ -254,6 +258,7 @@ def test_unmatched_predictions_are_errors(ghn, linen):
         init(module, variables, x, checkpoint=ghn)
 
 
+@pytest.mark.slow
 def test_bad_calls_are_refused(ghn, live):
     from ghn_onnx.flax import init
 
@@ -273,6 +278,7 @@ def test_bad_calls_are_refused(ghn, live):
         init(module, variables, x, checkpoint=ghn, apply_kwargs={"train": True})
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     import doctest
 
@@ -305,6 +311,7 @@ def tiny_cifar(tmp_path, monkeypatch):
     return path
 
 
+@pytest.mark.slow
 def test_example_runs_at_tiny_size(tiny_cifar, tmp_path):
     from click.testing import CliRunner
 
@@ -321,6 +328,7 @@ def test_example_runs_at_tiny_size(tiny_cifar, tmp_path):
     assert missing.exit_code == 2 and "no such CIFAR-10 folder" in missing.output
 
 
+@pytest.mark.slow
 def test_calibrate_alone_sets_only_the_statistics(live):
     """``calibrate``: the BN statistics are the batch moments of the data (one BN input is the
     image conv: its mean and population variance), the parameters stay."""

@@ -185,6 +185,24 @@ def test_calibration_on_a_tensor_matches_torch(ghn):
             np.testing.assert_allclose(module.state_dict()[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_calibrate_sets_the_statistics_alone(images):
+    """calibrate_: the module's own parameters, BN statistics as init_ measures them."""
+    torch.manual_seed(1)
+    module = TinyResNet()
+    params = copy.deepcopy(dict(module.named_parameters()))
+    data = torch.randn(10, 3, 16, 16)
+    names = ghn_onnx.torch.calibrate_(module, torch.randn(2, 3, 16, 16), data, batch_size=4)
+    assert len(names) == 8 and all(torch.equal(p, params[n]) for n, p in module.named_parameters())
+    reference = torch_calibrate(module, [data.numpy()[i:i + 4] for i in range(0, 10, 4)])
+    for name in names:
+        np.testing.assert_allclose(module.state_dict()[name].numpy(), reference.state_dict()[name].numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    assert ghn_onnx.torch.calibrate_(module, torch.randn(2, 3, 16, 16), images, calibration_images=8) == names
+    assert ghn_onnx.torch.calibrate_(TwoLinears(), torch.randn(2, 6), images) == []  # no BN: nothing to set
+    with pytest.raises(TypeError, match="unknown option"):
+        ghn_onnx.torch.calibrate_(module, torch.randn(2, 3, 16, 16), data, steps=3)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_device_and_dtype_are_kept(device, ghn):
@@ -308,9 +326,10 @@ def test_readme_example_and_docstring_run():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    text = readme.split("## Initialise a PyTorch model", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n## Back into your framework\n", 1)[1].split("\n## ", 1)[0]
+    text = section.split("\n### PyTorch\n", 1)[1].split("\n### ", 1)[0]
     parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    runner.run(parser.get_doctest(text, {}, "README.md: Initialise a PyTorch model", "README.md", 0))
+    runner.run(parser.get_doctest(text, {}, "README.md: Back into your framework: PyTorch", "README.md", 0))
     runner.run(parser.get_doctest(ghn_onnx.torch.__doc__, {}, "ghn_onnx.torch", "ghn_onnx/torch.py", 0))
     result = runner.summarize(verbose=False)
     assert result.attempted >= 8 and result.failed == 0
