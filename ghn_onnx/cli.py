@@ -176,6 +176,41 @@ def _draw(graph: Graph, path: Path, fmt: str) -> None:
 
 # -- predict -------------------------------------------------------------------------------------
 
+def for_training_options(command):
+    """--for-training [--noise F] [--orthogonal-from F] [--noise-seed N], given to the command as
+    one ``for_training`` argument: a :class:`~ghn_onnx.writeback.for_training.ForTraining`, or
+    ``None`` without --for-training."""
+    @functools.wraps(command)
+    def run(*args, for_training: bool, noise: float | None, orthogonal_from: float | None,
+            noise_seed: int, **kwargs):
+        if not for_training:
+            if noise is not None or orthogonal_from is not None:
+                raise InputError("--noise and --orthogonal-from go with --for-training")
+            return command(*args, for_training=None, **kwargs)
+        from ghn_onnx.writeback.for_training import ForTraining
+
+        default = ForTraining()
+        try:
+            options = ForTraining(noise=default.noise if noise is None else noise,
+                                  orthogonal_from=orthogonal_from, seed=noise_seed)
+        except GhnOnnxError as exc:
+            raise InputError(str(exc)) from None
+        return command(*args, for_training=options, **kwargs)
+
+    run = click.option("--noise-seed", type=int, default=0, show_default=True,
+                       help="Seed of the --for-training noise.")(run)
+    run = click.option("--orthogonal-from", type=float, default=None, metavar="FRACTION",
+                       help="With --for-training: also orthogonalise the conv/linear weights from this "
+                            "fraction of the depth on (0: all; the classifier never).")(run)
+    run = click.option("--noise", type=float, default=None, metavar="F",
+                       help="With --for-training: noise std on repeated rows, relative to the tensor's "
+                            "std (default 0.01).")(run)
+    return click.option("--for-training", is_flag=True,
+                        help="Make the predictions ready for fine-tuning: break the symmetry of tiled "
+                             "(repeated) channels with seeded noise; recorded in the output's metadata. "
+                             "Fine-tune with a smaller learning rate than from scratch (see README).")(run)
+
+
 def normalisation_options(command):
     """--mean / --std / --no-normalize: how calibration images are normalised (predict, calibrate)."""
     command = click.option("--no-normalize", is_flag=True,
@@ -311,10 +346,11 @@ def _check_device(device: str) -> str:
 @click.option("--unfold-bn", is_flag=True,
               help="For BN-folded exports: predict as if a BN followed each folded conv, calibrate its "
                    "statistics on --calibrate images, and write the folded conv weight and bias.")
+@for_training_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @quiet_failure
 def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, calibration_batch,
-            seed, mean, std, no_normalize, unfold_bn, as_json) -> None:
+            seed, mean, std, no_normalize, unfold_bn, for_training, as_json) -> None:
     """Predict every supported parameter of each IN.onnx and write the model(s) back out.
 
     All inputs go through the GHN together, in one batch. Each output keeps the input's
@@ -344,7 +380,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
     ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
     options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=calibration_batch,
                              seed=seed, **_normalisation(mean, std, no_normalize), unfold_bn=unfold_bn, device=device,
-                             metadata={"checkpoint_sha256": file_sha256(ckpt)})
+                             for_training=for_training, metadata={"checkpoint_sha256": file_sha256(ckpt)})
     failed: list[GhnOnnxError] = []  # -O: inputs that could not be predicted, reported at the end
     try:
         results = predict_files(

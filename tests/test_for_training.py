@@ -115,3 +115,33 @@ def test_predict_records_it_in_the_metadata_and_is_reproducible(wide):
     assert "ghn_onnx.for_training" not in {p.key for p in plain.model.metadata_props}
     assert a.model.SerializeToString() == b.model.SerializeToString()
     assert a.model.SerializeToString() != plain.model.SerializeToString()
+
+
+def test_cli_for_training_writes_the_record(tmp_path):
+    from click.testing import CliRunner
+
+    from ghn_onnx.cli import main
+    import onnx
+
+    src = "tests/fixtures/frameworks/torch_cnn.onnx"
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["predict", src, "-o", str(out), "--for-training", "--noise", "0.05",
+                                       "--noise-seed", "7"])
+    assert result.exit_code == 0, result.output
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    record = json.loads(meta["ghn_onnx.for_training"])
+    assert (record["noise"], record["seed"], record["orthogonal_from"]) == (0.05, 7, None)
+
+
+@pytest.mark.parametrize("args", [["--noise", "0.1"], ["--for-training", "--noise", "-1"],
+                                  ["--for-training", "--orthogonal-from", "2"]])
+def test_cli_for_training_usage_errors_are_one_line(tmp_path, args):
+    from click.testing import CliRunner
+
+    from ghn_onnx.cli import main
+
+    result = CliRunner().invoke(main, ["predict", "tests/fixtures/frameworks/torch_cnn.onnx", "-o",
+                                       str(tmp_path / "o.onnx"), *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
