@@ -16,6 +16,8 @@ The Python API; the ``ghn-onnx`` commands run the same code (:mod:`ghn_onnx.pipe
   module's parameters and copy them into it, in place.
 * :func:`ghn_onnx.keras.init_` ``(model, **options) -> Report``: predict a Keras 3 model's
   weights (torch backend) and assign them, in place.
+* :func:`ghn_onnx.flax.init` ``(module, variables, example_input, **options) -> variables``: new
+  variables for a Flax (linen or nnx) model, predicted through jax2onnx.
 
 Example, from a checkout's root (``predict`` loads the shipped checkpoint when given no GHN)::
 
@@ -50,7 +52,7 @@ def __getattr__(name: str):
         from ghn_onnx.report import explain as module
     elif name == "GHN":
         from ghn_onnx.ghn import model as module
-    elif name in ("torch", "keras"):  # the submodule itself: ghn_onnx.torch.init_(module, example_input)
+    elif name in ("torch", "keras", "flax"):  # the submodule itself: ghn_onnx.torch.init_(module, example_input)
         import importlib
 
         return importlib.import_module(f"ghn_onnx.{name}")

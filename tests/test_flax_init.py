@@ -348,3 +348,9 @@ def test_calibrate_alone_sets_only_the_statistics(live):
     y = np.asarray(y, np.float64)
     np.testing.assert_allclose(after["batch_stats/BatchNorm_0/mean"], y.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(after["batch_stats/BatchNorm_0/var"], y.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_the_package_exposes_the_submodule():
+    import ghn_onnx.flax as flax_module
+
+    assert ghn_onnx.flax is flax_module and Match.__module__ == "ghn_onnx.flax"
