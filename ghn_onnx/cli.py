@@ -720,6 +720,102 @@ def _eval_models(value: str) -> tuple[str, ...]:
     return () if names == ("none",) else names
 
 
+# -- eval --finetune-bench (the fine-tuning benchmark, ghn_onnx/training/finetune.py) --------------
+
+def _bench_list(option: str, value: str, parse: Callable = str) -> tuple:
+    try:
+        items = tuple(parse(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        items = ()
+    if not items:
+        raise InputError(f"{option}: expected a comma-separated list (got {value!r})")
+    return items
+
+
+def _finetune_bench_options(command: Callable) -> Callable:
+    """``eval --finetune-bench``: the fine-tuning benchmark instead of the sections above; it
+    shares --checkpoint, --data, --out, --json, --plot, --test-images, --seed, --device, --threads
+    and --quiet with them."""
+    options = [
+        click.option("--finetune-bench", is_flag=True,
+                     help="Run the fine-tuning benchmark instead: every init x optimiser on the bench nets, lr "
+                          "chosen on the validation split, curves on test (the sections above are skipped)."),
+        click.option("--bench-generated", type=click.IntRange(min=0), default=8, show_default=True,
+                     help="Fine-tuning benchmark: first N held-out ID generated architectures."),
+        click.option("--bench-models", default="resnet18,mobilenet_v2,efficientnet_b0", show_default=True,
+                     help="Fine-tuning benchmark: torchvision models, 32x32 variants ('none': skip)."),
+        click.option("--bench-inits", default="default,lsuv,ghn,ghn-ft", show_default=True,
+                     help="Fine-tuning benchmark: inits (default, lsuv, ghn, ghn-ft[:noise=X,ortho=F,seed=S]), "
+                          "separated by ';' when an init has options, else by ','."),
+        click.option("--bench-optimizers", default="sgd,adamw", show_default=True,
+                     help="Fine-tuning benchmark: optimiser recipes (sgd: GHN-2's; adamw)."),
+        click.option("--bench-steps", default="100,300,1000", show_default=True,
+                     help="Fine-tuning benchmark: step counts at which the curves are measured."),
+        click.option("--bench-select-steps", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Fine-tuning benchmark: steps of each learning-rate trial on the validation split."),
+        click.option("--bench-lr-sgd", default="0.05,0.025,0.01,0.005", show_default=True,
+                     help="Fine-tuning benchmark: SGD learning-rate grid."),
+        click.option("--bench-lr-adamw", default="0.003,0.001,0.0003,0.0001", show_default=True,
+                     help="Fine-tuning benchmark: AdamW learning-rate grid."),
+        click.option("--bench-val-images", type=click.IntRange(1, 5000), default=1000, show_default=True,
+                     help="Fine-tuning benchmark: random validation images the learning rate is chosen on."),
+    ]
+
+    @functools.wraps(command)
+    def run(*args, finetune_bench, bench_generated, bench_models, bench_inits, bench_optimizers, bench_steps,
+            bench_select_steps, bench_lr_sgd, bench_lr_adamw, bench_val_images, **kwargs):
+        if not finetune_bench:
+            return command(*args, **kwargs)
+        from ghn_onnx.training.datasets import load_cifar10
+        from ghn_onnx.training.eval_plot import plot_finetune
+        from ghn_onnx.training.eval_suite import checkpoint_source, write_json
+        from ghn_onnx.training.finetune import FinetuneConfig, finetune_benchmark, format_finetune
+
+        k = kwargs
+        inits = tuple(s.strip() for s in bench_inits.split(";" if ";" in bench_inits else ",")
+                                                  if s.strip())
+        if not inits:
+            raise InputError(f"--bench-inits: expected a list of inits (got {bench_inits!r})")
+        try:
+            cfg = FinetuneConfig(
+                generated=bench_generated, torchvision=_eval_models(bench_models), inits=inits,
+                optimizers=_bench_list("--bench-optimizers", bench_optimizers),
+                steps=_bench_list("--bench-steps", bench_steps, int), select_steps=bench_select_steps,
+                lr_grid={"sgd": _bench_list("--bench-lr-sgd", bench_lr_sgd, float),
+                         "adamw": _bench_list("--bench-lr-adamw", bench_lr_adamw, float)},
+                val_images=bench_val_images, test_images=k["test_images"], seed=k["seed"],
+                device=_check_device(k["device"]))
+            ghn, ckpt = _load_ghn(k["checkpoint"], cfg.device)
+            splits = load_cifar10(k["data"])
+            import torch
+
+            threads = torch.get_num_threads()
+            if k["threads"]:
+                torch.set_num_threads(k["threads"])
+            try:
+                result = finetune_benchmark(ghn, splits, cfg, log=(lambda m: None) if k["quiet"]
+                                            else (lambda m: click.echo(m, err=True)))
+            finally:
+                torch.set_num_threads(threads)
+            result["meta"].update(checkpoint_source(ckpt))
+        except GhnOnnxError as exc:
+            raise _user_error(exc) from None
+        for path, write in ((k["out_path"], write_json), (k["plot_path"], plot_finetune)):
+            if path is not None:
+                try:
+                    write(result, path)
+                except GhnOnnxError as exc:
+                    raise click.ClickException(str(exc)) from None
+                except OSError as exc:
+                    raise click.ClickException(f"{path}: cannot write ({exc.strerror or exc})") from None
+                click.echo(f"wrote {path}", err=True)
+        click.echo(json.dumps(result, indent=2) if k["as_json"] else format_finetune(result))
+
+    for option in reversed(options):
+        run = option(run)
+    return run
+
+
 @main.command("eval", epilog=EXIT_CODES_HELP)
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="NAME|FILE",
               help=CHECKPOINT_HELP)
@@ -761,6 +857,7 @@ def _eval_models(value: str) -> tuple[str, ...]:
               help="CPU threads for torch and onnxruntime (0: their defaults). On a CPU that other "
                    "processes keep busy, 1 is often several times faster.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@_finetune_bench_options
 def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id_nets, ood_nets, sgd_steps,
                  finetune_steps, finetune_archs, tv_models, sgd_torchvision, finetune_torchvision,
                  sgd_batch_size, calibration_images, batch_size, seed, device, threads, quiet) -> None:

@@ -9,6 +9,9 @@ parity fixtures ``resnet18.onnx`` / ``mobilenet_v2.onnx`` contain):
   (``features.0``) and the depthwise convs of the first two stride-2 blocks (``features.2``,
   ``features.4``). Strides 2 remain at ``features.7`` and ``features.14``: 32 → 16 → 8 before the
   pooled head (torchvision at 224 px goes 224 → 7, a 32x reduction; this is 4x).
+- EfficientNet-B0 (no reference adjustment; the same rule, to the ResNets' 8x): every convolution
+  in ``features[:3]`` gets stride 1: the stem (``features.0``) and the depthwise conv of the first
+  stride-2 block (``features.2``). Strides 2 remain at ``features.3``, ``.4`` and ``.6``: 32 → 4.
 
 Every model has a 10-class head and PyTorch's / torchvision's default initialisation.
 """
@@ -49,14 +52,26 @@ def _cifar_resnet(factory: Callable[..., nn.Module]) -> Callable[[int], nn.Modul
     return build
 
 
+def _unit_strides(blocks: nn.Module) -> None:
+    """Stride 1 for every convolution in ``blocks`` (the early downsampling a 32x32 input cannot spare)."""
+    for m in blocks.modules():
+        if isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
+
+
 def _cifar_mobilenet_v2(num_classes: int = 10) -> nn.Module:
     import torchvision
 
     net = torchvision.models.mobilenet_v2(num_classes=num_classes)
-    for block in net.features[:5]:
-        for m in block.modules():
-            if isinstance(m, nn.Conv2d):
-                m.stride = (1, 1)
+    _unit_strides(net.features[:5])
+    return net
+
+
+def _cifar_efficientnet_b0(num_classes: int = 10) -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.efficientnet_b0(num_classes=num_classes)
+    _unit_strides(net.features[:3])
     return net
 
 
@@ -69,11 +84,12 @@ def _registry() -> dict[str, Callable[[int], nn.Module]]:
         "resnet18": _cifar_resnet(torchvision.models.resnet18),
         "resnet50": _cifar_resnet(torchvision.models.resnet50),
         "mobilenet_v2": _cifar_mobilenet_v2,
+        "efficientnet_b0": _cifar_efficientnet_b0,
     }
 
 
 #: The torchvision models the evaluation knows (registry keys).
-TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
+TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 
 
 def cifar_model(name: str, num_classes: int = 10, seed: int | None = None) -> nn.Module:

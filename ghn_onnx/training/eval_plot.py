@@ -1,4 +1,5 @@
-"""The evaluation's figure: test accuracy against SGD steps, random init vs GHN init.
+"""The evaluation's figures: test accuracy against SGD steps, random init vs GHN init
+(:func:`plot_curves`), and per initialisation for the fine-tuning benchmark (:func:`plot_finetune`).
 
 Curves come from ``result["training"]`` of :func:`ghn_onnx.training.eval_suite.evaluate`; the
 GHN's accuracy without any training (``result["generated"]["test"]`` and the torchvision models,
@@ -23,13 +24,7 @@ _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
 def plot_curves(result: dict, path: str | Path) -> Path:
     """Write the accuracy-vs-steps figure of ``result`` to ``path`` (PNG); return the path."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotUnavailableError("the plot needs matplotlib: pip install 'ghn-onnx[viz]'") from None
+    plt = _pyplot()
     meta, training = result["meta"], result["training"]
     fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
     families = []
@@ -88,3 +83,53 @@ def _footer(result: dict) -> str:
             f"(batch {cfg['batch_size']}); {t['protocol']}; {t['train_images']} training images; "
             f"generated nets: first {cfg['finetune_archs']} held-out ID architectures; "
             f"checkpoint sha256 {sha}; ghn-onnx {meta['ghn_onnx']}, {meta['date']}")
+
+
+_INIT_COLOURS = ("#7f7f7f", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def plot_finetune(result: dict, path: str | Path) -> Path:
+    """Accuracy vs steps per initialisation of the fine-tuning benchmark
+    (:func:`ghn_onnx.training.finetune.finetune_benchmark`): one panel per optimiser, the mean over
+    networks as a thick line, each network as a thin one. Returns ``path`` (PNG)."""
+    plt = _pyplot()
+    meta = result["meta"]
+    cfg = meta["config"]
+    opts, inits = cfg["optimizers"], cfg["inits"]
+    fig, axes = plt.subplots(1, len(opts), figsize=(6.5 * len(opts), 5.0), dpi=120, squeeze=False)
+    for ax, opt in zip(axes[0], opts):
+        for spec, colour in zip(inits, _INIT_COLOURS * 4):
+            runs = [e["runs"][opt][spec] for e in result["nets"]]
+            steps = runs[0]["steps"]
+            for r in runs:
+                ax.plot(steps, [100 * a for a in r["acc"]], "-", color=colour, alpha=0.25, linewidth=0.8)
+            mean = [100 * sum(r["acc"][j] for r in runs) / len(runs) for j in range(len(steps))]
+            lrs = sorted({r["lr"] for r in runs})
+            ax.plot(steps, mean, "-o", color=colour, linewidth=2, markersize=4,
+                    label=f"{spec} (lr {', '.join(f'{v:g}' for v in lrs)})")
+        ax.axhline(10, color="grey", linewidth=0.8, linestyle="-.")
+        ax.set_xlabel(f"{opt} steps (batch {cfg['batch_size']})")
+        ax.set_ylabel("CIFAR-10 test accuracy (%)")
+        ax.set_title(f"{opt}: mean of {len(result['nets'])} nets (thin: each net)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, loc="best")
+    nets = ", ".join(e["net"] for e in result["nets"])
+    fig.text(0.01, 0.005, (f"nets: {nets}; {meta['test_images']} random CIFAR-10 test images (seed {meta['seed']}), "
+                           f"BN on batch statistics; lr per init chosen by {meta['lr_rule']}; {meta['date']}"),
+             fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = Path(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailableError("the plot needs matplotlib: pip install 'ghn-onnx[viz]'") from None
+    return plt
