@@ -86,6 +86,26 @@ def quiet_failure(command: Callable) -> Callable:
     return run
 
 
+def threads_option(command: Callable) -> Callable:
+    """--threads N: one definition for every command that computes. Before the command runs, torch,
+    numba and every onnxruntime session get N threads (:func:`ghn_onnx.threads.set_threads`); a
+    command with a ``threads`` parameter receives the count."""
+    import inspect as signature_of
+
+    wants_count = "threads" in signature_of.signature(command).parameters
+
+    @functools.wraps(command)
+    def run(*args, threads: int | None, **kwargs):
+        from ghn_onnx.threads import set_threads
+
+        count = set_threads(threads)
+        return command(*args, **kwargs, **({"threads": count} if wants_count else {}))
+
+    return click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="CPU threads for torch, numba and onnxruntime. Default: the CPUs this process may "
+                             "run on ($OMP_NUM_THREADS where set).")(run)
+
+
 def _check_input(path: Path, what: str) -> None:
     """Refuse an input that is not a regular file (a FIFO would block the reader) before any work."""
     from ghn_onnx.onnx_io.files import regular_file_stat
@@ -324,6 +344,20 @@ def _load_ghn(checkpoint_path: Path | None, device: str):
         raise _user_error(exc) from None
 
 
+def _checkpoint_file(checkpoint_path: Path | None, device: str) -> Path:
+    """The file of ``--checkpoint``, its configuration read (a bad file is one error line here),
+    the GHN not loaded: ``predict --jobs`` workers load it."""
+    from ghn_onnx.ghn.checkpoint import read_config
+    from ghn_onnx.pipeline import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(checkpoint_path)
+        read_config(path)
+    except GhnOnnxError as exc:
+        raise _user_error(exc) from None
+    return path
+
+
 def _check_device(device: str) -> str:
     import torch
 
@@ -333,11 +367,15 @@ def _check_device(device: str) -> str:
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("models", metavar="IN.onnx...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("models", metavar="IN...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (one input only).")
 @click.option("-O", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: each input is written there under its own name.")
+              help="Output folder: each input file is written there under its own name, the files of a "
+                   "folder or glob under their path relative to it.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Worker processes for -O (each loads, converts, predicts and writes its share of the "
+                   "files; --threads is split between them).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="NAME|FILE",
               help=CHECKPOINT_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -348,68 +386,91 @@ def _check_device(device: str) -> str:
                    "statistics on --calibrate images, and write the folded conv weight and bias.")
 @for_training_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@threads_option
 @quiet_failure
 def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, calibration_batch,
-            seed, mean, std, no_normalize, unfold_bn, for_training, as_json) -> None:
-    """Predict every supported parameter of each IN.onnx and write the model(s) back out.
+            seed, mean, std, no_normalize, unfold_bn, for_training, as_json, jobs) -> None:
+    """Predict every supported parameter of each IN and write the model(s) back out.
 
-    All inputs go through the GHN together, in one batch. Each output keeps the input's
+    IN is an .onnx file, a folder (every *.onnx under it, recursively) or a quoted glob
+    ('models/**/*.onnx'). Inputs go through the GHN in batches as memory allows; a file that
+    fails is reported (exit code 2, or 1 if only outputs could not be written) and the others go
+    on. Each output keeps the input's
     opset, names, inputs and unpredicted tensors; predicted tensors keep their layout and dtype.
     BN running statistics are not predicted: pass --calibrate to measure them on images, or
     evaluate with batch statistics. Inputs are never modified; outputs are written atomically.
     """
     from tqdm import tqdm
 
+    import multiprocessing
+
     from ghn_onnx.ghn.checkpoint import file_sha256
+    from ghn_onnx.many_files import expand_inputs, predict_many
     from ghn_onnx.pipeline import PredictOptions, predict_files
 
     if (output is None) == (output_dir is None):
         raise InputError("give exactly one of -o OUT.onnx (one input) or -O OUTDIR")
-    if output is not None and len(models) != 1:
-        raise InputError("-o takes one input; use -O OUTDIR for several")
+    try:
+        inputs = expand_inputs(models, exclude=output_dir)
+    except GhnOnnxError as exc:
+        raise _user_error(exc) from None
+    if output is not None and len(inputs) != 1:
+        raise InputError(f"-o takes one input (got {len(inputs)} files); use -O OUTDIR for several")
     if output_dir is not None:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
+            for _, rel in inputs:
+                (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise click.ClickException(f"{output_dir}: cannot create the output folder "
                                        f"({exc.strerror or exc})") from None
-        outputs = [output_dir / m.name for m in models]
+        outputs = [output_dir / rel for _, rel in inputs]
     else:
-        _check_output(output, models[0])
+        _check_output(output, inputs[0][0])
         outputs = [output]
-    ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
+    models = [src for src, _ in inputs]
+    if output_dir is not None and jobs > 1:  # the workers load the GHN; this process only reads its file
+        ghn, ckpt = None, _checkpoint_file(checkpoint, _check_device(device))
+    else:
+        ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
     options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=calibration_batch,
                              seed=seed, **_normalisation(mean, std, no_normalize), unfold_bn=unfold_bn, device=device,
                              for_training=for_training, metadata={"checkpoint_sha256": file_sha256(ckpt)})
-    failed: list[GhnOnnxError] = []  # -O: inputs that could not be predicted, reported at the end
     try:
-        results = predict_files(
-            models, outputs, ghn, options,
-            progress=lambda it: tqdm(it, desc="write", unit="model", disable=as_json or len(models) < 2),
-            on_error=(lambda src, exc: failed.append(exc)) if output_dir is not None else None,
-            return_models=False,  # files only: the predicted values never go into in-memory models
-        )
+        if output is not None:  # files only: the predicted values never go into in-memory models
+            summaries = [r.summary() for r in predict_files(models, outputs, ghn, options, return_models=False)]
+            click.echo(json.dumps(summaries, indent=2)) if as_json else _print_predictions(summaries)
+            return
+        with tqdm(total=len(models), desc="predict", unit="model", disable=as_json or len(models) < 2) as bar:
+            fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # no op has run here yet
+            results = predict_many(models, outputs, ckpt, options, jobs=jobs, ghn=ghn, progress=bar.update,
+                                   start_method=fork)
     except GhnOnnxError as exc:
         raise _user_error(exc) from None
-    summary = [r.summary() for r in results]
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
+    if as_json:  # one entry per input, in input order, with its status
+        click.echo(json.dumps([r.to_json() for r in results], indent=2))
     else:
-        for s in summary:
-            click.echo(f"{s['name']} -> {s['output']}: {s['predicted_tensors']} tensors, "
-                       f"{s['predicted_elements']:,} parameters predicted; BN {s['bn']}")
-            for w in s["warnings"]:
-                click.echo(f"  warning: {w}", err=True)
-    for exc in failed:
-        click.echo(f"Error: {exc}", err=True)
+        _print_predictions([r.summary for r in results if r.ok])
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        click.echo(f"Error: {r.error}", err=True)
     if failed:  # 2 if any input was bad, 1 if only outputs could not be written
-        click.get_current_context().exit(2 if any(not isinstance(e, OutputError) for e in failed) else 1)
+        click.get_current_context().exit(2 if any(not r.output_error for r in failed) else 1)
+
+
+def _print_predictions(summaries: list[dict]) -> None:
+    for s in summaries:
+        click.echo(f"{s['name']} -> {s['output']}: {s['predicted_tensors']} tensors, "
+                   f"{s['predicted_elements']:,} parameters predicted; BN {s['bn']}")
+        for w in s["warnings"]:
+            click.echo(f"  warning: {w}", err=True)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", metavar="IN.onnx", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output file.")
 @calibration_options(required=True, renamed=("--data", "--images", "--batch-size"), modes=True)
+@threads_option
 @quiet_failure
 def calibrate(model, output, calibrate_data, calibration_images, calibration_batch, calibration_mode, seed, mean, std,
               no_normalize) -> None:
@@ -464,6 +525,7 @@ def calibrate(model, output, calibrate_data, calibration_images, calibration_bat
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the per-layer bars to this PNG file (needs the 'viz' extra).")
 @click.option("--quiet", is_flag=True, help="No progress bar on stderr.")
+@threads_option
 @quiet_failure
 def explain(model, data, checkpoint, images, layers, batch_size, bn, seed, mean, std, no_normalize, as_json, png,
             quiet) -> None:
@@ -587,6 +649,7 @@ def checkpoints_command(as_json: bool) -> None:
 @click.option("--meta-nets/--no-meta-nets", default=False, show_default=True,
               help="Build training networks on the meta device (no memory or initialisation; the GHN supplies "
                    "every parameter).")
+@threads_option
 def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup, clip, seed, device,
           save_every, eval_every, val_nets, val_images, resume, init, precision, channels_last, fast_ops,
           meta_nets) -> None:
@@ -656,12 +719,11 @@ def _sections(value: str) -> tuple[str, ...]:
 @click.option("--model", "latency_model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Time this ONNX file in the latency section instead of the CIFAR ResNet-50.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated networks and GHN.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch intra-op threads (default: torch's choice, recorded in the output).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every figure, the machine and versions as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table with machine, versions, date and command as Markdown.")
+@threads_option
 def bench(device, repeats, sizes, distinct, reference_cap, meta_batch, train_batch_size, sections, latency_model,
           seed, threads, json_path, markdown_path) -> None:
     """Time parameter prediction: each fast path against the sequential reference, in one run.
@@ -685,7 +747,7 @@ def bench(device, repeats, sizes, distinct, reference_cap, meta_batch, train_bat
         ["ghn-onnx", "bench", "--device", device, "--repeats", str(repeats), "--sizes", ",".join(map(str, cfg.sizes)),
          "--distinct", str(distinct), "--reference-cap", f"{reference_cap:g}", "--meta-batch", str(meta_batch),
          "--train-batch-size", str(train_batch_size), "--sections", ",".join(cfg.sections), "--seed", str(seed)]
-        + (["--threads", str(threads)] if threads else []) + (["--model", str(latency_model)] if latency_model else []))
+        + ["--threads", str(threads)] + (["--model", str(latency_model)] if latency_model else []))
     try:
         results = run_benchmarks(cfg, command=command, log=lambda m: click.echo(m, err=True))
     except BenchError as exc:
@@ -853,10 +915,8 @@ def _finetune_bench_options(command: Callable) -> Callable:
               help="Seed of the test and calibration subsets, initialisations and SGD batches.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the GHN, generated nets and SGD run (onnxruntime runs on CPU).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads for torch and onnxruntime (0: their defaults). On a CPU that other "
-                   "processes keep busy, 1 is often several times faster.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@threads_option
 @_finetune_bench_options
 def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id_nets, ood_nets, sgd_steps,
                  finetune_steps, finetune_archs, tv_models, sgd_torchvision, finetune_torchvision,

@@ -98,7 +98,7 @@ def calibration_accuracy(data: dict, models: Sequence[str] = ("resnet18", "mobil
                          batch_size: int = 64, test_images: int = 2000, seeds: Sequence[int] = (0, 1),
                          threads: int | None = None, log: Log = lambda m: None) -> list[dict]:
     """Test accuracy after each mode's calibration, per GHN-predicted model and calibration seed."""
-    import onnxruntime as ort
+    from ghn_onnx.threads import inference_session
 
     from ghn_onnx.pipeline import load_ghn
     from ghn_onnx.training.datasets import normalize
@@ -120,10 +120,7 @@ def calibration_accuracy(data: dict, models: Sequence[str] = ("resnet18", "mobil
                 calibrated[mode] = calibrate_bn(p.predicted, iter_batches(x, batch_size), graph=p.graph, mode=mode,
                                                 threads=threads)
                 seconds = time.perf_counter() - t0
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = threads or 0
-                sess = ort.InferenceSession(calibrated[mode].SerializeToString(), opts,
-                                            providers=["CPUExecutionProvider"])
+                sess = inference_session(calibrated[mode], threads)
                 tops[mode] = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: b})[0].argmax(1)
                                              for b in iter_batches(xt, 250)])
                 row[mode] = {"accuracy": float((tops[mode] == test.labels).mean()), "seconds": seconds}

@@ -12,9 +12,7 @@ Calibration data comes from :func:`calibration_batches` / :func:`load_calibratio
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -30,6 +28,7 @@ from ghn_onnx.graph.graph import Graph, reachable
 from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.storage import (alias_source, cast_to_stored, consumer_counts, is_batch_norm, np_dtype,
                               set_tensor_values, stored_tensors, topological_nodes, unique_name)
+from ghn_onnx.threads import inference_session
 
 __all__ = ["calibrate_bn", "CALIBRATION_MODES", "CalibrationMode", "calibration_targets", "batch_stats_model", "calibration_set", "calibration_batches",
            "CalibrationSet", "load_calibration_data", "iter_batches", "data_input", "input_spec", "InputSpec",
@@ -121,7 +120,8 @@ def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Gra
             GHN predicted) are calibrated; by default every BN with stored statistics is. The
             others keep their stored statistics in every mode.
         mode: ``"one-pass"``, ``"two-pass"`` or ``"sequential"`` (:data:`CALIBRATION_MODES`).
-        threads: onnxruntime intra-op threads; ``None``: onnxruntime's default (all physical cores).
+        threads: onnxruntime intra-op threads; ``None`` / 0: the package's setting (``--threads``,
+            :func:`~ghn_onnx.threads.configured_threads`).
 
     Returns:
         a new model whose running-statistics tensors hold the calibrated values (same dtype as
@@ -172,7 +172,7 @@ def _measure_in_graph(model: onnx.ModelProto, bns: list[_Bn], feeds: list[dict[s
     on their stored ones: one run per feed, the statistics computed in the graph."""
     probing, probes = statistics_model(model, [bn.y for bn in bns], batch_statistics=batch_statistics)
     names = [n for p in probes for n in (p.mean, p.var, p.shape)]
-    session = _session(_prune(probing, names), threads)
+    session = inference_session(_prune(probing, names), threads)
     moments = [_Moments() for _ in bns]
     for feed in feeds:
         values = dict(zip(names, _run(session, names, feed)))
@@ -200,7 +200,7 @@ def _measure(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.
     """Moments of tensors ``names`` over all feeds, running only the nodes they depend on."""
     moments = [_Moments() for _ in names]
     computed = [n for n in names if n not in feeds[0]]  # a BN right on a graph input needs no run
-    session = _session(_prune(model, computed), threads) if computed else None
+    session = inference_session(_prune(model, computed), threads) if computed else None
     for feed in feeds:
         values = dict(zip(computed, _run(session, computed, feed))) if session else {}
         for name, m in zip(names, moments):
@@ -356,22 +356,3 @@ def _node_reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _session(model: onnx.ModelProto, threads: int | None = None):
-    """A CPU onnxruntime session; ``threads`` intra-op threads (``None`` / 0: onnxruntime's default,
-    one per physical core). Idle workers do not spin, so a busy machine's other processes keep their CPU."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # pruned models leave unused inputs: not worth a warning
-    opts.intra_op_num_threads = threads or 0
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        data = model.SerializeToString()
-    except ValueError:  # protobuf refuses to serialize over 2 GB: go through a file
-        data = None
-    if data is not None:
-        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -21,15 +21,21 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
 
 from ghn_onnx.errors import CheckpointError, OutputError
 from ghn_onnx.ghn.config import LEGACY_KEYS, GHNConfig
-from ghn_onnx.ghn.model import GHN
 from ghn_onnx.onnx_io.files import check_output_file, regular_file_stat
+
+if TYPE_CHECKING:
+    import torch
+
+    from ghn_onnx.ghn.model import GHN
+
+# torch and the GHN are imported where a function needs them: reading a checkpoint's configuration
+# (`ghn-onnx inspect`, the registry) needs neither.
 
 FORMAT = "ghn-onnx/ghn2-v1"
 
@@ -90,7 +96,7 @@ def read_config(path: str | os.PathLike) -> GHNConfig:
     path = Path(path)
     _check_file(path, "a .safetensors checkpoint")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({first_line(exc)})") from None
@@ -121,21 +127,30 @@ def _config_of(text: str, path: Path) -> GHNConfig:
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"})
 
 
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """``torch.nn.init``'s initialisers do nothing. On the meta device they only cost time:
-    ``normal_`` has no C++ meta kernel, and its Python reference takes seconds to set up."""
+def _skip_init():
+    """A torch function mode in which ``torch.nn.init``'s initialisers do nothing. On the meta
+    device they only cost time: ``normal_`` has no C++ meta kernel, and its Python reference takes
+    seconds to set up."""
+    import torch
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__module__", "") == "torch.nn.init":
-            return args[0] if args else kwargs.get("tensor")
-        return func(*args, **kwargs)
+    class SkipInit(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__module__", "") == "torch.nn.init":
+                return args[0] if args else kwargs.get("tensor")
+            return func(*args, **kwargs)
+
+    return SkipInit()
 
 
 def expected_shapes(config: GHNConfig) -> dict[str, tuple[int, ...]]:
     """State-dict key → shape of a GHN with ``config``, from a GHN built on the ``meta`` device
     (no memory is allocated for its parameters, nothing is initialised; milliseconds)."""
-    with torch.device("meta"), _SkipInit():
+    import torch
+
+    from ghn_onnx.ghn.model import GHN
+
+    with torch.device("meta"), _skip_init():
         ghn = GHN(config)
     return {k: tuple(v.shape) for k, v in ghn.state_dict().items()}
 
@@ -168,6 +183,10 @@ def _check_keys(keys: set[str], expected: Mapping[str, tuple[int, ...]], config:
 def from_state_dict(state: Mapping[str, torch.Tensor], config: GHNConfig, source: str = "checkpoint") -> GHN:
     """Build a GHN from a state dict with the reference key names, checking every key and shape
     (against a ``meta``-device GHN, before the real one is built)."""
+    import torch
+
+    from ghn_onnx.ghn.model import GHN
+
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                  for k, v in state.items()):
         raise CheckpointError(f"{source}: expected a state dict of named tensors")
@@ -185,6 +204,8 @@ def load_reference(path: str | os.PathLike, config: GHNConfig | None = None) -> 
     """Load a reference GHN-2 state dict from ``.npz`` (arrays named by state-dict key) or a
     ppuda ``.pt`` checkpoint (``{'state_dict', 'config', ...}``). For ``.npz`` the config must be
     given (default: GHN-2 CIFAR-10); a ``.pt`` file carries its own."""
+    import torch
+
     path = Path(path)
     regular_file_stat(path, CheckpointError, "a .npz or .pt reference checkpoint")
     if path.suffix == ".npz":
@@ -213,6 +234,8 @@ def load_reference(path: str | os.PathLike, config: GHNConfig | None = None) -> 
 def _read_npz(path: Path, config: GHNConfig) -> dict[str, torch.Tensor]:
     """The arrays of an ``.npz``, each member's ``.npy`` header checked (name, shape, float
     dtype, no pickled objects) against a GHN with ``config`` before any array is read."""
+    import torch
+
     try:
         with zipfile.ZipFile(path) as zf:
             members = zf.infolist()

@@ -350,7 +350,7 @@ class _Runner:
     (fed the predicted values, or a re-initialisation) and ``probes`` are extra outputs."""
 
     def __init__(self, model: onnx.ModelProto, swept: list[str], probes: list[str]) -> None:
-        import onnxruntime as ort
+        from ghn_onnx.threads import inference_session
 
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -370,16 +370,13 @@ class _Runner:
         self.logits = g.output[0].name
         outputs = {o.name for o in g.output}
         g.output.extend(onnx.ValueInfoProto(name=p) for p in dict.fromkeys(probes) if p not in outputs)
-        opts = ort.SessionOptions()
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # a shared machine keeps its CPU
-        opts.log_severity_level = 3  # errors only: shape-merge notes on framework exports are not the user's
         try:
             serialized = m.SerializeToString()
         except ValueError:  # protobuf's 2 GB limit
             raise GhnOnnxError("the model is over 2 GB: explain runs models that fit in one protobuf; "
                                "explain it without --data") from None
         try:
-            self.session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+            self.session = inference_session(serialized)  # errors only: shape-merge notes are not the user's
         except Exception as exc:  # onnxruntime raises its own types, with multi-line messages
             raise GhnOnnxError(f"onnxruntime cannot load the model ({_first_line(exc)})") from None
         self.input = next(i.name for i in self.session.get_inputs() if i.name not in self.values)

@@ -50,16 +50,13 @@ def onnx_accuracy(model: bytes | onnx.ModelProto, data: ImageSet, batch_size: in
 
     The batches are ``data`` in its order, ``batch_size`` at a time (the last may be smaller):
     with batch-statistics BN (:func:`ghn_onnx.bn.calibration.batch_stats_model`) the result depends
-    on them. ``threads`` sets onnxruntime's intra-op threads (0: its default). Worker threads do
-    not spin while idle, so a concurrent process keeps its CPU.
+    on them. ``threads`` sets onnxruntime's intra-op threads (0: the package's setting,
+    :func:`~ghn_onnx.threads.configured_threads`). Worker threads do not spin while idle, so a
+    concurrent process keeps its CPU.
     """
-    import onnxruntime as ort
+    from ghn_onnx.threads import inference_session
 
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.intra_op_num_threads = threads
-    data_bytes = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    sess = ort.InferenceSession(data_bytes, opts, providers=["CPUExecutionProvider"])
+    sess = inference_session(model, threads, log_level=2)
     name = sess.get_inputs()[0].name
     correct = 0
     for start in range(0, len(data), batch_size):

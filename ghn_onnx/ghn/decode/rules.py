@@ -25,13 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import torch
-
-from ghn_onnx.ghn.decode.parameters import normalize_bias, normalize_scale
 from ghn_onnx.graph.graph import Graph, Node, ParamRef
 from ghn_onnx.graph.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 
 if TYPE_CHECKING:
+    import torch
+
     from ghn_onnx.ghn.config import GHNConfig
 
 
@@ -239,8 +238,6 @@ def weight_normalized(spec: DecodeSpec, node: Node) -> bool:
 # The 1-D decoder's rows and heads.
 SCALE_ROW, BIAS_ROW = 0, 1
 DECODER_1D, BIAS_CLASS = "decoder_1d", "bias_class"
-ROW_NORMALIZERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {SCALE_ROW: normalize_scale,
-                                                                      BIAS_ROW: normalize_bias}
 
 
 class VectorRow(NamedTuple):
@@ -257,3 +254,16 @@ def vector_row(node: Node, param: ParamRef, is_cls_bias: bool) -> VectorRow:
     if node.primitive in NORM_PRIMITIVES and param.role == "scale":
         return VectorRow(DECODER_1D, SCALE_ROW)
     return VectorRow(BIAS_CLASS if is_cls_bias else DECODER_1D, BIAS_ROW)
+
+
+def __getattr__(name: str):
+    """:data:`ROW_NORMALIZERS` (row → its normalisation), built on first access: the normalisers
+    are torch code, and ``inspect`` reads this module's rules without torch."""
+    if name == "ROW_NORMALIZERS":
+        from ghn_onnx.ghn.decode.parameters import normalize_bias, normalize_scale
+
+        normalizers: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {SCALE_ROW: normalize_scale,
+                                                                          BIAS_ROW: normalize_bias}
+        globals()[name] = normalizers
+        return normalizers
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
