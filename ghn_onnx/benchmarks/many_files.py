@@ -1,11 +1,11 @@
 """Many files and start-up (issue 15): ``ghn-onnx predict FOLDER -O OUT --jobs N`` as whole
 processes, and what threads would give instead of processes.
 
-    python -m ghn_onnx.benchmarks.many_files [--files 50] [--jobs 1,2] [--repeats 3] [--startup] [--json F]
+    python -m ghn_onnx.benchmarks.many_files [--files 50] [--model F.onnx] [--jobs 1,2] [--repeats 3] [--startup] [--json F]
 
 * **Folder** (``repeats`` rounds): ``files`` exports (the committed framework fixtures of
   ``tests/fixtures/frameworks``: PyTorch TorchScript and dynamo, Keras, Flax; CNNs, ViTs, mixed
-  zoos; copied round-robin into sub-folders) predicted by ``ghn-onnx predict DIR -O OUT --jobs N``
+  zoos; copied round-robin into sub-folders; or ``files`` copies of ``--model``) predicted by ``ghn-onnx predict DIR -O OUT --jobs N``
   in a new interpreter for each ``N``, and ``ghn-onnx predict ONE.onnx -O OUT`` (one file: the
   start-up); within a round the cases run in turn, so background load hits all of them; medians.
   Files per second are reported whole (``files / T``) and past start-up
@@ -36,10 +36,10 @@ FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "framewo
 CLI = [sys.executable, "-m", "ghn_onnx.cli"]
 
 
-def make_folder(folder: Path, files: int) -> list[Path]:
+def make_folder(folder: Path, files: int, model: Path | None = None) -> list[Path]:
     """``files`` copies of the committed exports (with their external data files), round-robin
-    into ``folder/set<k>/``."""
-    sources = sorted(FIXTURES.glob("*.onnx"))
+    into ``folder/set<k>/``; or of ``model``, one per folder."""
+    sources = [model] if model is not None else sorted(FIXTURES.glob("*.onnx"))
     made: list[Path] = []
     k = 0
     while len(made) < files:
@@ -47,7 +47,7 @@ def make_folder(folder: Path, files: int) -> list[Path]:
         sub.mkdir(parents=True, exist_ok=True)
         for src in sources[: files - len(made)]:
             shutil.copy(src, sub / src.name)
-            for data in FIXTURES.glob(src.name + ".data*"):
+            for data in src.parent.glob(src.name + ".data*"):
                 shutil.copy(data, sub / data.name)
             made.append(sub / src.name)
         k += 1
@@ -74,10 +74,10 @@ def _rounds(cases: dict[str, Callable[[], float]], rounds: int, log: Callable[[s
 
 
 def bench_folder(files: int = 50, jobs: tuple[int, ...] = (1, 2), repeats: int = 3,
-                 log: Callable[[str], None] = lambda m: None) -> dict:
+                 log: Callable[[str], None] = lambda m: None, model: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        made = make_folder(tmp / "in", files)
+        made = make_folder(tmp / "in", files, model)
         one = tmp / "one" / made[0].name
         one.parent.mkdir()
         shutil.copy(made[0], one)
@@ -103,7 +103,7 @@ def bench_folder(files: int = 50, jobs: tuple[int, ...] = (1, 2), repeats: int =
         past = base["files_per_s_past_startup"]
         r["speedup_past_startup"] = (r["files_per_s_past_startup"] / past
                                      if past and r["files_per_s_past_startup"] else None)
-    return {"files": files, "repeats": repeats, "startup_one_file_s": start, "jobs": rows, "threads": threads}
+    return {"files": files, "model": str(model) if model else "tests/fixtures/frameworks/*.onnx", "repeats": repeats, "startup_one_file_s": start, "jobs": rows, "threads": threads}
 
 
 def _threads(paths: list[Path], repeats: int, log: Callable[[str], None]) -> dict:
@@ -155,6 +155,7 @@ def _load() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ghn_onnx.benchmarks.many_files", description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=50)
+    ap.add_argument("--model", type=Path, default=None, help="copies of this export instead of the fixtures")
     ap.add_argument("--jobs", default="1,2", help="comma-separated --jobs values")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--startup", action="store_true", help="also time start-up (--help, inspect, predict ResNet-50)")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"command": " ".join(["python -m ghn_onnx.benchmarks.many_files", *(argv or sys.argv[1:])]),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": len(os.sched_getaffinity(0)),
                     "load_before": _load()}
-    result["folder"] = bench_folder(args.files, tuple(int(j) for j in args.jobs.split(",")), args.repeats, log)
+    result["folder"] = bench_folder(args.files, tuple(int(j) for j in args.jobs.split(",")), args.repeats, log, args.model)
     if args.startup:
         result["startup"] = bench_startup(max(args.repeats, 3), log)
     result["load_after"] = _load()
