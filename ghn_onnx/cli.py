@@ -315,7 +315,8 @@ def calibration_options(*, required: bool = False, renamed: tuple[str, ...] = ()
                                help="one-pass: every BN measured in one forward per batch, the BNs above on "
                                     "that batch's statistics (PyTorch's training mode); sequential: level by "
                                     "level, the BNs above on their calibrated statistics (exact eval-mode "
-                                    "inputs, ~levels/2 passes); two-pass: one-pass, then one eval-mode pass.")(run)
+                                    "inputs, ~levels/2 passes); two-pass: one-pass, then one eval-mode pass "
+                                    "with those statistics.")(run)
         run = click.option("--calibration-batch", type=click.IntRange(min=1), default=64, show_default=True,
                            help="Images per calibration batch (a model with a fixed batch size is calibrated "
                                 "at its own).")(run)

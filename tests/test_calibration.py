@@ -130,9 +130,6 @@ def test_modes_agree_on_one_batch_and_on_the_first_level(resnet):
             np.testing.assert_allclose(stats(several[mode], name), stats(several["sequential"], name), rtol=1e-5)
         gap = np.abs(stats(several[mode], "down_bn.running_var") / stats(several["sequential"], "down_bn.running_var") - 1)
         assert 1e-5 < gap.max() < 0.2, gap  # batch statistics of 5-8 images: close, and not the same
-    gaps = [np.abs(stats(several[m], "down_bn.running_var") - stats(several["sequential"], "down_bn.running_var")).sum()
-            for m in ("one-pass", "two-pass")]
-    assert gaps[1] < gaps[0]  # the eval-mode second pass moves towards the sequential result
 
 
 def test_one_pass_statistics_against_torch_running_statistics(resnet):

@@ -5,7 +5,9 @@
 Two parts, on CIFAR-10 training images (a seeded random subset of the 45k training part,
 normalised as in training), in onnxruntime on CPU:
 
-* :func:`time_calibration`: seconds of :func:`~ghn_onnx.bn.calibration.calibrate_bn` per mode on
+* :func:`time_calibration`: seconds (wall, and CPU seconds of the process, all its threads: on a
+  busy machine wall time mostly measures the other processes) of
+  :func:`~ghn_onnx.bn.calibration.calibrate_bn` per mode on
   CIFAR variants of torchvision's ResNet-50 and DenseNet-121 (3x3 stride-1 stem, no max-pool, 10
   classes, BN kept, random init: time does not depend on the weights). Modes run in turn, round
   after round, so that background load hits each alike; the figure is the median. The
@@ -78,19 +80,23 @@ def time_calibration(data: dict, images: int = 512, batch_size: int = 64, repeat
         torch.manual_seed(0)
         model = export_model(factory())
         times: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(repeats):
             for mode in modes:
                 n = seq_n if mode == "sequential" else images
                 if mode == "sequential" and seq_n != images and r > 0:
                     continue  # a shortened reference: once is enough to scale it
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 calibrate_bn(model, iter_batches(x[:n], batch_size), mode=mode, threads=threads)
                 times[mode].append(time.perf_counter() - t0)
-                log(f"{name} {mode} {n} images: {times[mode][-1]:.1f} s (load {os.getloadavg()[0]:.1f})")
+                cpu[mode].append(time.process_time() - c0)
+                log(f"{name} {mode} {n} images: {times[mode][-1]:.1f} s, {cpu[mode][-1]:.1f} CPU s "
+                    f"(load {os.getloadavg()[0]:.1f})")
         for mode in modes:
             n = seq_n if mode == "sequential" else images
             out.append({"model": name, "mode": mode, "images": n, "batch_size": batch_size, "runs": len(times[mode]),
-                        "median_s": statistics.median(times[mode]), "all_s": times[mode]})
+                        "median_s": statistics.median(times[mode]), "all_s": times[mode],
+                        "median_cpu_s": statistics.median(cpu[mode]), "all_cpu_s": cpu[mode]})
     return out
 
 

@@ -2,7 +2,9 @@
 statistics (GHN2_FACTS §5.6). Two ways to give a predicted ONNX model usable BN layers:
 
 * :func:`calibrate_bn` measures every BN input's per-channel mean and variance on calibration
-  data and stores them as the running statistics (a model that then runs in plain eval mode);
+  data and stores them as the running statistics (a model that then runs in plain eval mode):
+  by default in one forward per batch with the BNs on batch statistics (PyTorch's training
+  mode), or level by level as the calibrated model will run (:data:`CALIBRATION_MODES`);
 * :func:`batch_stats_model` rewrites every BN to normalise with the statistics of the batch it
   is given, as the GHN papers evaluate (``bn_train=True``; results depend on the batch).
 
@@ -104,8 +106,9 @@ def calibrate_bn(model: onnx.ModelProto, batches: Iterable[Batch], *, graph: Gra
       each level is one run over the data on the model pruned to what its BN inputs need: cost
       ≈ (levels / 2) full passes (minutes for a ResNet-50).
     * ``"two-pass"``: one-pass, then one eval-mode pass measuring every BN input at once with the
-      one-pass statistics above it (in the graph: ReduceMean / Sub / Mul / ReduceMean per BN):
-      one step from one-pass towards the sequential result.
+      one-pass statistics above it (in the graph: ReduceMean / Sub / Mul / ReduceMean per BN).
+      Not reliably closer to sequential: on a GHN-predicted MobileNetV2 its top-1 agreed with
+      sequential's on 35-53% of test images, one-pass's on 95-97% (bench/RESULTS.md).
 
     The three agree exactly for one batch (batch and population statistics are then equal) and
     for BNs with no calibrated BN above them; otherwise they differ by how much a batch's
