@@ -87,8 +87,8 @@ def quiet_failure(command: Callable) -> Callable:
 
 
 def threads_option(command: Callable) -> Callable:
-    """--threads N: one definition for every command that computes. Before the command runs, torch,
-    numba and every onnxruntime session get N threads (:func:`ghn_onnx.threads.set_threads`); a
+    """--threads N: one definition for every command that computes. While the command runs, torch,
+    numba and every onnxruntime session have N threads (:func:`ghn_onnx.threads.using_threads`); a
     command with a ``threads`` parameter receives the count."""
     import inspect as signature_of
 
@@ -96,10 +96,10 @@ def threads_option(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def run(*args, threads: int | None, **kwargs):
-        from ghn_onnx.threads import set_threads
+        from ghn_onnx.threads import using_threads
 
-        count = set_threads(threads)
-        return command(*args, **kwargs, **({"threads": count} if wants_count else {}))
+        with using_threads(threads) as count:  # restored after: the CLI also runs in-process (tests, scripts)
+            return command(*args, **kwargs, **({"threads": count} if wants_count else {}))
 
     return click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
                         help="CPU threads for torch, numba and onnxruntime. Default: the CPUs this process may "

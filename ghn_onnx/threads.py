@@ -17,11 +17,12 @@ between counts (how a GEMM or a reduction is split), so results are reproducible
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.cpu_threads import usable_cpus  # the affinity mask: taskset, cgroup cpusets
@@ -71,6 +72,32 @@ def set_threads(n: int | None = None) -> int:
     else:
         os.environ["NUMBA_NUM_THREADS"] = str(n)
     return n
+
+
+@contextlib.contextmanager
+def using_threads(n: int | None = None) -> Iterator[int]:
+    """:func:`set_threads` for a block (a command), then the settings before it back: the
+    package's count, the environment variables, torch's and numba's counts where they were
+    loaded before the block (one loaded inside it keeps ``n``: its pool was made with it).
+    Yields the count."""
+    global _configured
+    before = _configured
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    torch, numba = sys.modules.get("torch"), sys.modules.get("numba")
+    counts = (torch.get_num_threads() if torch else None, numba.get_num_threads() if numba else None)
+    try:
+        yield set_threads(n)
+    finally:
+        _configured = before
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if torch is not None:
+            torch.set_num_threads(counts[0])
+        if numba is not None:
+            numba.set_num_threads(counts[1])
 
 
 ModelSource = Union["onnx.ModelProto", bytes, str, os.PathLike]

@@ -94,15 +94,28 @@ def restore_threads():
     threads_mod._configured = before[2]
 
 
-def test_threads_option_sets_torch_numba_and_sessions(tmp_path, restore_threads):
+def test_threads_option_sets_torch_numba_and_sessions_for_the_command(tmp_path, restore_threads, monkeypatch):
     import numba
     import torch
 
+    from ghn_onnx import pipeline
+
+    seen = {}
+    real = pipeline.predict_files
+
+    def spy(*args, **kwargs):
+        opts = threads_mod.session_options()
+        seen.update(torch=torch.get_num_threads(), numba=numba.get_num_threads(),
+                    intra=opts.intra_op_num_threads, inter=opts.inter_op_num_threads)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "predict_files", spy)
+    torch.set_num_threads(2)
+    before = torch.get_num_threads(), numba.get_num_threads()
     result = CliRunner().invoke(main, ["predict", str(FIXTURE), "-o", str(tmp_path / "o.onnx"), "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
-    opts = threads_mod.session_options()
-    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
+    assert seen == {"torch": 1, "numba": 1, "intra": 1, "inter": 1}
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before  # restored after the command
     assert threads_mod.session_options(threads=2).intra_op_num_threads == 2  # an explicit count wins
 
 
