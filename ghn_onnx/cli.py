@@ -381,7 +381,7 @@ def _check_device(device: str) -> str:
               help=CHECKPOINT_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the GHN runs.")
-@calibration_options(renamed=("--batch-size",))
+@calibration_options(renamed=("--batch-size",), modes=True)
 @click.option("--unfold-bn", is_flag=True,
               help="For BN-folded exports: predict as if a BN followed each folded conv, calibrate its "
                    "statistics on --calibrate images, and write the folded conv weight and bias.")
@@ -390,7 +390,7 @@ def _check_device(device: str) -> str:
 @threads_option
 @quiet_failure
 def predict(models, output, output_dir, checkpoint, device, calibrate_data, calibration_images, calibration_batch,
-            seed, mean, std, no_normalize, unfold_bn, for_training, as_json, jobs) -> None:
+            calibration_mode, seed, mean, std, no_normalize, unfold_bn, for_training, as_json, jobs) -> None:
     """Predict every supported parameter of each IN and write the model(s) back out.
 
     IN is an .onnx file, a folder (every *.onnx under it, recursively) or a quoted glob
@@ -436,7 +436,8 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
         ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
     options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=calibration_batch,
                              seed=seed, **_normalisation(mean, std, no_normalize), unfold_bn=unfold_bn, device=device,
-                             for_training=for_training, metadata={"checkpoint_sha256": file_sha256(ckpt)})
+                             calibration_mode=calibration_mode, for_training=for_training,
+                             metadata={"checkpoint_sha256": file_sha256(ckpt)})
     try:
         if output is not None:  # files only: the predicted values never go into in-memory models
             summaries = [r.summary() for r in predict_files(models, outputs, ghn, options, return_models=False)]

@@ -34,6 +34,7 @@ import onnx
 import torch
 
 from ghn_onnx.bn.calibration import CalibrationSet, calibrate_bn, calibration_set, calibration_targets
+from ghn_onnx.bn.modes import CALIBRATION_MODES
 from ghn_onnx.convert import convert
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn import checkpoint, registry
@@ -66,6 +67,8 @@ class PredictOptions:
         calibration_images: how many images to draw, at random, from the training images of
             ``calibrate`` (``train/`` of a folder or zip that has splits).
         batch_size: calibration batch size (a model with a fixed batch size is calibrated at its own).
+        calibration_mode: how BN statistics are measured (:data:`~ghn_onnx.bn.modes.CALIBRATION_MODES`;
+            see :func:`~ghn_onnx.bn.calibration.calibrate_bn`).
         seed: seed of the calibration subset.
         mean, std: per-channel normalisation of calibration images, ``(x / 255 - mean) / std``
             (one value or one per channel). ``None``: CIFAR-10's.
@@ -93,6 +96,7 @@ class PredictOptions:
     std: tuple[float, ...] | None = None
     no_normalize: bool = False
     unfold_bn: bool = False
+    calibration_mode: str = CALIBRATION_MODES[0]
     device: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
     reference: bool = False
@@ -101,6 +105,9 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise GhnOnnxError(f"calibration_mode: expected one of {', '.join(CALIBRATION_MODES)} "
+                               f"(got {self.calibration_mode!r})")
         if isinstance(self.for_training, bool):
             object.__setattr__(self, "for_training", ForTraining() if self.for_training else None)
         elif self.for_training is not None and not isinstance(self.for_training, ForTraining):
@@ -254,12 +261,12 @@ def predict_graphs(ghn: GHN, graphs: Sequence[Graph], reference: bool = False) -
 
 def predict_unfolded(model: onnx.ModelProto, graph: Graph, ghn: GHN, batches: Iterable[np.ndarray] | None = None,
                      metadata: Mapping[str, str] | None = None, reference: bool = False,
-                     post: ForTraining | None = None) -> Prediction:
+                     post: ForTraining | None = None, mode: str = CALIBRATION_MODES[0]) -> Prediction:
     """Predict a BN-folded ``model`` as its BN-kept original (:mod:`ghn_onnx.writeback.unfold`):
     the GHN predicts the unfolded graph, each unfolded BN is made explicit, calibrated on
     ``batches`` and folded back into its conv. ``graph`` must come from :func:`prepare`. Without
-    ``batches`` the statistics stay ``μ = 0, σ² = 1`` (and the prediction warns). ``post``: as
-    :attr:`PredictOptions.for_training`."""
+    ``batches`` the statistics stay ``μ = 0, σ² = 1`` (and the prediction warns). ``post``, ``mode``: as
+    :attr:`PredictOptions.for_training` and :attr:`PredictOptions.calibration_mode`."""
     folds = folded_convs(model, graph)
     if not folds:
         raise GhnOnnxError(f"{graph.name}: --unfold-bn: no folded BatchNorm found (no exporter marks, "
@@ -274,7 +281,7 @@ def predict_unfolded(model: onnx.ModelProto, graph: Graph, ghn: GHN, batches: It
     predicted = write_predictions(model, ugraph, real, metadata={**metadata, "bn": status})
     explicit = with_explicit_bn(predicted, folds, pred)
     if batches is not None:
-        explicit = calibrate_bn(explicit, batches)
+        explicit = calibrate_bn(explicit, batches, mode=mode)
     refs = [p for node in ugraph.nodes for p in node.params if not is_virtual(p)]
     warnings = list(ugraph.warnings) + ([] if batches is not None else [UNCALIBRATED_UNFOLD_WARNING])
     return Prediction(name=graph.name, model=fold_back(predicted, explicit, folds), graph=ugraph,
@@ -307,7 +314,7 @@ def _predict_prepared(prepared: Sequence[tuple[onnx.ModelProto, Graph]], ghn: GH
         if fold:
             data = options.calibration_set(model) if options.calibrate is not None else None
             pred = predict_unfolded(model, graph, ghn, data and data.batches, metadata_of, options.reference,
-                                    options.for_training)
+                                    options.for_training, options.calibration_mode)
             notes = data.notes if data else []
             results.append((dataclasses.replace(pred, name=name, warnings=pred.warnings + notes), None))
             continue
@@ -356,7 +363,7 @@ def _calibrate(pred: Prediction, options: PredictOptions) -> None:
         pred.warnings.append(f"{NO_BN_TO_CALIBRATE} (BN status stays {pred.bn_status})")
         return
     data = options.calibration_set(pred.model)
-    pred.model = calibrate_bn(pred.model, data.batches, graph=pred.graph)
+    pred.model = calibrate_bn(pred.model, data.batches, graph=pred.graph, mode=options.calibration_mode)
     pred.bn_status = f"calibrated:{data.images}"
     pred.warnings.extend(data.notes)
     _set_bn_metadata(pred.model, pred.bn_status)

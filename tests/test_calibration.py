@@ -699,3 +699,30 @@ def test_calibration_data_that_is_not_a_regular_file_is_refused(tmp_path):
         load_calibration_data(fifo, (3, 32, 32), 4)
     with pytest.raises(GhnOnnxError, match="character device"):
         load_calibration_data("/dev/zero", (3, 32, 32), 4)
+
+
+@pytest.mark.parametrize("mode", CALIBRATION_MODES)
+def test_predict_calibrates_in_the_mode_asked(tmp_path, mode):
+    from ghn_onnx.pipeline import PredictOptions, load_ghn, predict
+
+    torch.manual_seed(3)
+    model = export(TinyResNet(), torch.randn(2, 3, 16, 16))
+    data = np.concatenate(calibration_batches())
+    np.save(tmp_path / "calib.npy", data)
+    ghn = load_ghn()
+    plain = predict(model, ghn, PredictOptions(seed=0))
+    pred = predict(model, ghn, PredictOptions(calibrate=tmp_path / "calib.npy", calibration_images=len(data),
+                                              batch_size=8, calibration_mode=mode))
+    expected = calibrate_bn(plain.model, PredictOptions(calibrate=tmp_path / "calib.npy",
+                                                         calibration_images=len(data), batch_size=8)
+                            .calibration_set(plain.model).batches, graph=plain.graph, mode=mode)
+    got, want = stored_tensors(pred.model), stored_tensors(expected)
+    stats = [k for k in want if "running" in k]
+    assert stats and all(np.array_equal(numpy_helper.to_array(got[k]), numpy_helper.to_array(want[k])) for k in stats)
+
+
+def test_predict_refuses_an_unknown_calibration_mode():
+    from ghn_onnx.pipeline import PredictOptions
+
+    with pytest.raises(GhnOnnxError, match="calibration_mode"):
+        PredictOptions(calibration_mode="magic")
