@@ -233,7 +233,7 @@ def test_plans_are_typed_frozen_and_per_device():
         with torch.no_grad():
             engines.get(name).run(gnn, torch.randn(batch.n_nodes, 32), batch)
     plans = dict(batch._plans)
-    assert len(plans) == 3  # level tensors, node-order CSR, graph parts
+    assert len(plans) == 4  # sweep levels, level tensors, node-order CSR, graph parts
     for plan in plans.values():
         assert dataclasses.is_dataclass(plan) and type(plan).__dataclass_params__.frozen
         assert plan.device == "cpu"

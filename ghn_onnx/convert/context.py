@@ -112,6 +112,11 @@ class ConversionContext:
     # -- structure -----------------------------------------------------------------------------
     def _find_se_gates(self, model: onnx.ModelProto) -> None:
         t = self.tensors
+        # Which squeezes feed a tensor, as a bit mask per tensor filled in once for the whole graph:
+        # a walk over the ancestors of every gate is quadratic in the depth of the network.
+        outputs = [o for n in model.graph.node if n.op_type in SQUEEZE_OPS for o in n.output if o]
+        bits = {o: 1 << k for k, o in enumerate(outputs)}
+        behind: dict[str, int] = {}
         for node in model.graph.node:
             if node.op_type != "Mul":
                 continue
@@ -125,12 +130,10 @@ class ConversionContext:
                 x0 = t.through_shape_ops(x)
                 if t.through_shape_ops(gate_input) == x0:
                     continue  # x * sigmoid(x): SiLU / Swish, an activation
-                branch = t.data_ancestors(gate_input) - t.data_ancestors(x0)
-                squeezes = [t.producer[b] for b in branch
-                            if b in t.producer and t.producer[b].op_type in SQUEEZE_OPS]
-                if squeezes:
+                branch = _marks_behind(t, gate_input, bits, behind) & ~_marks_behind(t, x0, bits, behind)
+                if branch:  # a squeeze on the gate's side only
                     self._cse.add(id(node))
-                    self._squeeze.update(id(s) for s in squeezes)
+                    self._squeeze.update(id(t.producer[o]) for o in outputs if branch & bits[o])
                     break
 
     def _gate_input(self, g: str) -> str | None:
@@ -480,3 +483,30 @@ def einsum_weight(node: onnx.NodeProto, tensors: TensorIndex):
     perm = tuple(w.index(c) for c in outs + ins)
     return node.input[index], EinsumWeight(index, perm, int(np.prod([shape[w.index(c)] for c in outs])),
                                            int(np.prod([shape[w.index(c)] for c in ins])))
+
+
+def _marks_behind(t: TensorIndex, name: str, bits: dict[str, int], memo: dict[str, int]) -> int:
+    """The union of ``bits`` over the data tensors ``name`` is computed from, itself included
+    (tensors without a bit count 0), memoised in ``memo`` across calls."""
+    stack = [name]
+    while stack:  # iterative post-order: graphs can be thousands of nodes deep
+        x = stack[-1]
+        if x in memo:
+            stack.pop()
+            continue
+        node = t.producer.get(x)
+        if node is None or not t.is_data(x):
+            memo[x] = 0
+            stack.pop()
+            continue
+        pending = [i for i in node.input if i and i not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        mask = bits.get(x, 0)
+        for i in node.input:
+            if i:
+                mask |= memo[i]
+        memo[x] = mask
+        stack.pop()
+    return memo[name]

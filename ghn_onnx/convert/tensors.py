@@ -72,6 +72,9 @@ class TensorIndex:
         self.outputs = [o.name for o in g.output]
         self.ranks = _ranks(model)
         self._data: dict[str, bool] = {}
+        # The rules ask the same questions of a node many times; the graph never changes.
+        self._data_inputs: dict[int, tuple[onnx.NodeProto, tuple[str, ...]]] = {}
+        self._stored: dict[str, StoredTensor | None] = {}
 
     # -- data flow ---------------------------------------------------------------------------
     def is_data(self, name: str) -> bool:
@@ -114,7 +117,10 @@ class TensorIndex:
         return self._data[name]
 
     def data_inputs(self, node: onnx.NodeProto) -> list[str]:
-        return [i for i in node.input if i and self.is_data(i)]
+        found = self._data_inputs.get(id(node))
+        if found is None or found[0] is not node:  # the node is kept: its id is not reused
+            found = self._data_inputs[id(node)] = (node, tuple(i for i in node.input if i and self.is_data(i)))
+        return list(found[1])
 
     def through_shape_ops(self, name: str) -> str:
         """Follow a data tensor upwards through shape-only ops to the tensor they re-view."""
@@ -127,23 +133,15 @@ class TensorIndex:
             seen.add(name)
         return name
 
-    def data_ancestors(self, name: str) -> set[str]:
-        """All data tensors ``name`` depends on, itself included."""
-        seen: set[str] = set()
-        stack = [name]
-        while stack:
-            t = stack.pop()
-            if t in seen or not self.is_data(t):
-                continue
-            seen.add(t)
-            if t in self.producer:
-                stack.extend(i for i in self.producer[t].input if i)
-        return seen
-
     # -- stored tensors ----------------------------------------------------------------------
     def stored(self, name: str) -> StoredTensor | None:
         """Trace a non-data input back to the tensor stored in the file, or None if it is
         computed in a way that cannot be inverted (then it is not a predictable parameter)."""
+        if name not in self._stored:
+            self._stored[name] = self._trace_stored(name)
+        return self._stored[name]
+
+    def _trace_stored(self, name: str) -> StoredTensor | None:
         if not name or self.is_data(name):
             return None
         if name in self.initializers or name in self.constants:

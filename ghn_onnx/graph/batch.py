@@ -1,5 +1,7 @@
 """Several graphs as one structure for the GHN: global node ids, edges with distances, and the
-topological levels that let a sweep update every independent node at once.
+topological levels that let a sweep update every independent node at once (GHN-2's message
+passing; computed on first use of :attr:`GraphBatch.forward` / :attr:`GraphBatch.backward`, as a
+plan, so a GHN-3 transformer, which never reads them, never pays for them).
 
 Node ``i`` of graph ``b`` has global id ``offsets[b] + i``. A node's forward level is the length
 of the longest one-hop path reaching it; all nodes of a level depend only on lower levels, so a
@@ -43,13 +45,20 @@ class SweepLevel:
     inv_dist: np.ndarray
 
 
+@dataclass(frozen=True)
+class SweepLevels:
+    """The forward and backward sweeps of a batch (see the module docstring)."""
+
+    device: str
+    forward: list[SweepLevel]
+    backward: list[SweepLevel]
+
+
 @dataclass
 class GraphBatch:
     graphs: list[Graph]
     offsets: np.ndarray  # (B + 1,)
     edges: np.ndarray  # (E, 3) global [src, dst, dist], dist == 1 for one-hop edges
-    forward: list[SweepLevel]
-    backward: list[SweepLevel]
     _plans: dict[tuple, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def plan(self, build: Callable[..., P], device: object = "cpu", key: tuple[Hashable, ...] = ()) -> P:
@@ -63,6 +72,16 @@ class GraphBatch:
         return found  # type: ignore[return-value]
 
     @property
+    def forward(self) -> list[SweepLevel]:
+        """The levels of the forward sweep, lowest first."""
+        return self.plan(sweep_levels).forward
+
+    @property
+    def backward(self) -> list[SweepLevel]:
+        """The levels of the backward sweep (longest path to a sink), lowest first."""
+        return self.plan(sweep_levels).backward
+
+    @property
     def n_nodes(self) -> int:
         return int(self.offsets[-1])
 
@@ -72,20 +91,23 @@ class GraphBatch:
             raise ValueError("Expected at least one graph")
         sizes = np.array([len(g) for g in graphs], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        all_edges, fwd_lv, bwd_lv = [], [], []
+        all_edges = []
         for g, off in zip(graphs, offsets[:-1]):
             e = g.edges_with_virtual(cutoff) if virtual else np.concatenate(
                 [g.edges, np.ones((len(g.edges), 1), dtype=np.int64)], axis=1)
             all_edges.append(e + np.array([off, off, 0]))
-            f, b = longest_path_levels(len(g), g.edges)
-            fwd_lv.append(f)
-            bwd_lv.append(b)
         edges = np.concatenate(all_edges) if all_edges else np.zeros((0, 3), dtype=np.int64)
-        fwd = np.concatenate(fwd_lv)
-        bwd = np.concatenate(bwd_lv)
-        forward = _sweep(fwd, edges[:, 0], edges[:, 1], edges[:, 2])
-        backward = _sweep(bwd, edges[:, 1], edges[:, 0], edges[:, 2])
-        return cls(list(graphs), offsets, edges, forward, backward)
+        return cls(list(graphs), offsets, edges)
+
+
+def sweep_levels(batch: GraphBatch, device: object = "cpu") -> SweepLevels:
+    """The batch's forward and backward sweeps (numpy, so one plan serves every device): levels
+    from each graph's one-hop edges, messages along every edge of :attr:`GraphBatch.edges`."""
+    levels = [longest_path_levels(len(g), g.edges) for g in batch.graphs]
+    fwd = np.concatenate([f for f, _ in levels])
+    bwd = np.concatenate([b for _, b in levels])
+    e = batch.edges
+    return SweepLevels(str(device), _sweep(fwd, e[:, 0], e[:, 1], e[:, 2]), _sweep(bwd, e[:, 1], e[:, 0], e[:, 2]))
 
 
 def longest_path_levels(n: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
