@@ -35,12 +35,10 @@ Supported: ``flax.linen`` modules (``variables`` from ``module.init``) and ``fla
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import itertools
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -48,41 +46,22 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ghn_onnx.bn.calibration import calibrate_bn, calibration_targets, iter_batches
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
-from ghn_onnx.onnx_io.storage import alias_source, is_batch_norm, stored_tensors
-from ghn_onnx.pipeline import Prediction, PredictOptions, load_ghn, predict
-from ghn_onnx.torch import NOT_OPTIONS, _calibrate_on_inputs
+from ghn_onnx.onnx_io.storage import stored_tensors
+from ghn_onnx.pipeline import Prediction
+from ghn_onnx.writeback.live import (CALIBRATION_OPTIONS, NOT_OPTIONS, Report, calibrate_export, calibrated_statistics,
+                                     check_options, kept_reasons, predict_export)
+from ghn_onnx.writeback.markers import (MARKER_BASE, MAX_MARKED_ELEMENTS, Leaf, Order, find_leaves, marked_tensors,
+                                        marker_index, markers, owners, substitute, to_leaf)
 from ghn_onnx.writeback.write import resolve_shared
 
-# float32 bits of 2**-100: markers are 2**-100, its next float up, ... (2**-100 .. ~2**-60 for
-# 335 million elements). Far below any epsilon, scale or bound a model stores as a constant.
-MARKER_BASE = 0x0D800000
-MAX_MARKED_ELEMENTS = 0x1F800000 - MARKER_BASE  # up to 2**-64: markers stay normal, tiny floats
+__all__ = ["init", "calibrate", "copy_prediction", "export", "match_leaves", "markers", "marker_index",
+           "marked_tensors", "substitute", "to_leaf", "Leaf", "Match", "Report", "NOT_OPTIONS", "MARKER_BASE",
+           "MAX_MARKED_ELEMENTS"]
 
 CalibrationData = str | os.PathLike | np.ndarray
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """One floating leaf of the variables, as the export saw it.
-
-    Attributes:
-        path: ``/``-joined keys, as ``flax.traverse_util.flatten_dict(..., sep="/")`` writes them
-            (``params/Conv_0/kernel``; nnx: ``conv1/kernel``).
-        shape: the leaf's shape.
-        offset: the marker index of its first element (leaves are marked in flattening order).
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -100,38 +79,7 @@ class Match:
 
     tensor: str
     leaf: str
-    transpose: tuple[int, ...] | str | None = None
-
-
-@dataclass
-class Report:
-    """What :func:`init` did.
-
-    Attributes:
-        predicted: leaf path → the :class:`Match` it was copied from, in GHN graph order.
-        kept: leaf path → why it kept its value (every leaf not in ``predicted`` or ``statistics``).
-        statistics: BN statistics leaves set from calibration.
-        bn_status: as :attr:`Prediction.bn_status` (``none``, ``uncalibrated``, ``calibrated:<images>``).
-        warnings: the prediction's warnings (how the graph was read, calibration notes).
-        prediction: the predicted ONNX model (:class:`~ghn_onnx.pipeline.Prediction`); the Flax
-            forward with the returned variables equals onnxruntime on it.
-    """
-
-    predicted: dict[str, Match]
-    kept: dict[str, str]
-    statistics: list[str]
-    bn_status: str
-    warnings: list[str] = field(default_factory=list)
-    prediction: Prediction | None = field(default=None, repr=False)
-
-    def format(self) -> str:
-        """A few lines for people: counts, BN status, every kept leaf with its reason."""
-        total = len(self.predicted) + len(self.kept) + len(self.statistics)
-        lines = [f"predicted {len(self.predicted)} of {total} leaves; BN {self.bn_status}"
-                 + (f" ({len(self.statistics)} statistics leaves set)" if self.statistics else "")]
-        lines += [f"kept its value: {path}: {why}" for path, why in self.kept.items()]
-        lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+    transpose: Order = None
 
 
 def init(module: Any, variables: Any, example_input: Any, *, checkpoint: str | os.PathLike | GHN | None = None,
@@ -171,17 +119,11 @@ def init(module: Any, variables: Any, example_input: Any, *, checkpoint: str | o
             tensor that is not one leaf, a forward that does not match the predicted ONNX model.
         TypeError: an unknown option, or ``unfold_bn`` / ``calibrate`` given as an option.
     """
-    _check_options(predict_options)
+    check_options("init", predict_options)  # before the export, which takes seconds
     state = _State.of(module, variables)
     exported = export(module, state, example_input, apply_kwargs)
     real = substitute(exported, state.leaves, state.float_values())
-    ghn = checkpoint if isinstance(checkpoint, GHN) or checkpoint is None else load_ghn(
-        checkpoint, predict_options.get("device") or "cpu")
-    by_path = calibrate if isinstance(calibrate, (str, os.PathLike)) else None
-    pred = predict(real, ghn, name=type(module).__name__, calibrate=by_path, **predict_options)
-    if calibrate is not None and by_path is None:
-        _calibrate_on_inputs(pred, np.asarray(calibrate, np.float32),
-                             predict_options.get("batch_size", PredictOptions.batch_size))
+    pred = predict_export(real, type(module).__name__, checkpoint, _inputs_array(calibrate), predict_options)
     values, report = copy_prediction(state, pred, exported)
     tree = state.rebuild(values)
     if verify:
@@ -203,35 +145,22 @@ def calibrate(module: Any, variables: Any, example_input: Any, data: Calibration
             not one leaf each, a forward that does not match the calibrated ONNX model.
         TypeError: an option that does not apply.
     """
-    known = {"calibration_images", "batch_size", "seed", "mean", "std", "no_normalize"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+    check_options("calibrate", options, CALIBRATION_OPTIONS)
     state = _State.of(module, variables)
     exported = export(module, state, example_input, apply_kwargs)
     real = substitute(exported, state.leaves, state.float_values())
-    if not calibration_targets(real):
+    pred = calibrate_export(real, type(module).__name__, _inputs_array(data), options)
+    if not pred.bn_status.startswith("calibrated"):
         return state.result(state.rebuild({}))
-    if isinstance(data, (str, os.PathLike)):
-        batches = PredictOptions(calibrate=data, **options).calibration_set(real).batches
-    else:
-        batches = list(iter_batches(np.asarray(data, np.float32), options.get("batch_size", PredictOptions.batch_size)))
-    model = calibrate_bn(real, batches)
-    tree = state.rebuild(_statistics(model, None, exported, state, marked_tensors(exported, state.leaves)))
+    tree = state.rebuild(_statistics(pred.model, pred.graph, exported, state, marked_tensors(exported, state.leaves)))
     if verify:
-        _verify(module, state, tree, example_input, apply_kwargs, model)
+        _verify(module, state, tree, example_input, apply_kwargs, pred.model)
     return state.result(tree)
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    bad = sorted(NOT_OPTIONS & set(options))
-    if bad:
-        raise TypeError(f"init does not take {', '.join(bad)} as an option (it exports with BN kept; pass "
-                        "calibration data as calibrate=)")
-    known = {f.name for f in dataclasses.fields(PredictOptions)} - NOT_OPTIONS
-    unknown = sorted(set(options) - known)
-    if unknown:  # before the export, which takes seconds
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+def _inputs_array(data: CalibrationData | None) -> CalibrationData | None:
+    """Calibration data as the shared calibration takes it: a path as it is, inputs as float32 numpy."""
+    return data if data is None or isinstance(data, (str, os.PathLike)) else np.asarray(data, np.float32)
 
 
 # -- the variables ---------------------------------------------------------------------------------
@@ -320,106 +249,20 @@ def _path(keys: Iterable[Any]) -> str:
     return "/".join(parts)
 
 
-# -- markers ---------------------------------------------------------------------------------------
-
-def markers(leaves: Sequence[Leaf]) -> list[np.ndarray]:
-    """The marker value of every element of every leaf (float32, leaf shapes)."""
-    return [(np.arange(leaf.offset, leaf.offset + leaf.size, dtype=np.uint32) + np.uint32(MARKER_BASE))
-            .view(np.float32).reshape(leaf.shape) for leaf in leaves]
-
-
-def marker_index(value: np.ndarray, total: int) -> np.ndarray | None:
-    """The marker index of each element of ``value`` (int64, same shape), or None when any
-    element is not a marker of the ``total`` marked elements."""
-    if value.dtype != np.float32 or value.size == 0:
-        return None
-    index = value.view(np.uint32).astype(np.int64) - MARKER_BASE
-    return index if bool(((index >= 0) & (index < total)).all()) else None
-
-
-def marked_tensors(model: onnx.ModelProto, leaves: Sequence[Leaf]) -> dict[str, np.ndarray]:
-    """Stored tensor name → marker index of each of its elements, for every stored tensor of the
-    marker export made of markers only (a leaf, permuted, sliced or gathered from several)."""
-    total = leaves[-1].offset + leaves[-1].size if leaves else 0
-    out = {}
-    for name, proto in stored_tensors(model).items():
-        index = marker_index(numpy_helper.to_array(proto), total)
-        if index is not None:
-            out[name] = index
-    return out
-
-
-def substitute(model: onnx.ModelProto, leaves: Sequence[Leaf], values: Sequence[np.ndarray]) -> onnx.ModelProto:
-    """A copy of the marker export ``model`` with every marker replaced by the element of
-    ``values`` (one float32 array per leaf) it marks: the export of the real variables."""
-    flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in values]) if values else np.zeros(0, np.float32)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    stored = stored_tensors(out)
-    for name, index in marked_tensors(model, leaves).items():
-        stored[name].CopyFrom(numpy_helper.from_array(flat[index], name))
-    return out
-
-
-# -- matching --------------------------------------------------------------------------------------
+# -- matching (the markers: ghn_onnx.writeback.markers) ---------------------------------------------
 
 def match_leaves(model: onnx.ModelProto, leaves: Sequence[Leaf], tensors: Iterable[str]) -> list[Match]:
-    """The leaf behind each of ``tensors`` (stored tensors of the marker export ``model``).
-
-    A tensor is a leaf's when its elements are the markers of that leaf's elements, each once,
-    in any order; :attr:`Match.transpose` names the order.
+    """The leaf behind each of ``tensors`` (stored tensors of the marker export ``model``), as
+    :func:`~ghn_onnx.writeback.markers.find_leaves` finds it: a tensor is a leaf's when its
+    elements are the markers of that leaf's elements, each once, in any order;
+    :attr:`Match.transpose` names the order.
 
     Raises:
         GhnOnnxError: a tensor that is not a marker tensor (computed by the export, or a
             constant), one made of part of a leaf or of several leaves, or two tensors for one
             leaf. The message lists every such tensor.
     """
-    marked = marked_tensors(model, leaves)
-    starts = np.array([leaf.offset for leaf in leaves], dtype=np.int64)
-    problems, matches = [], []
-    for t in tensors:
-        index = marked.get(t)
-        if index is None:
-            problems.append(f"{t!r} holds no variable's values (the export computed it, or it is a constant)")
-            continue
-        owners = np.unique(np.searchsorted(starts, index.ravel(), side="right") - 1)
-        leaf = leaves[int(owners[0])]
-        if len(owners) > 1 or index.size != leaf.size or len(np.unique(index)) != leaf.size:
-            which = ", ".join(repr(leaves[int(k)].path) for k in owners[:4])
-            problems.append(f"{t!r} {tuple(index.shape)} holds part of {which}, not one whole variable")
-            continue
-        matches.append(Match(t, leaf.path, _order(index - leaf.offset, leaf.shape)))
-    owner: dict[str, list[str]] = defaultdict(list)
-    for m in matches:
-        owner[m.leaf].append(m.tensor)
-    problems += [f"tensors {', '.join(map(repr, ts))} are all predictions for {leaf!r}"
-                 for leaf, ts in owner.items() if len(ts) > 1]
-    if problems:
-        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise GhnOnnxError(f"{len(problems)} predicted tensor(s) cannot be copied into the variables: "
-                           + "; ".join(problems[:5]) + more)
-    return matches
-
-
-def _order(index: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...] | str | None:
-    """How ``index`` (element ``i`` of the tensor is element ``index[i]`` of the leaf) orders the
-    leaf: None (as is), ``"reshaped"``, an axes permutation, or ``"reordered"``."""
-    if np.array_equal(index.ravel(), np.arange(index.size)):
-        return None if index.shape == shape else "reshaped"
-    if len(shape) <= 5:
-        base = np.arange(index.size).reshape(shape)
-        for perm in itertools.permutations(range(len(shape))):
-            moved = base.transpose(perm)
-            if moved.shape == index.shape and np.array_equal(moved, index):
-                return perm
-    return "reordered"
-
-
-def to_leaf(value: np.ndarray, index: np.ndarray, leaf: Leaf) -> np.ndarray:
-    """The leaf's values from a tensor stored in marker order ``index`` (a permutation of the leaf)."""
-    out = np.empty(leaf.size, dtype=value.dtype)
-    out[index.ravel() - leaf.offset] = value.ravel()
-    return out.reshape(leaf.shape)
+    return [Match(t, path, order) for t, path, order in find_leaves(model, leaves, tensors)]
 
 
 # -- export and copy -------------------------------------------------------------------------------
@@ -523,70 +366,36 @@ def copy_prediction(state: _State, prediction: Prediction, exported: onnx.ModelP
     stats = _statistics(prediction.model, prediction.graph, exported, state, marked) if calibrated else {}
     new.update(stats)
     predicted = {m.leaf: m for m in matches}
-    kept = _kept(state, set(predicted) | set(stats), exported, marked)
+    kept = _kept(state, set(predicted) | set(stats), exported, marked, prediction.bn_status)
     return new, Report(predicted=predicted, kept=kept, statistics=list(stats), bn_status=prediction.bn_status,
-                       warnings=list(prediction.warnings), prediction=prediction)
+                       warnings=list(prediction.warnings), prediction=prediction, unit="leaves",
+                       statistics_unit="leaves")
 
 
-def _bn_statistics(model: onnx.ModelProto) -> dict[str, str]:
-    """Stored tensor → the output of the BatchNormalization that reads it as mean or variance."""
-    return {node.input[k]: node.output[0] for node in model.graph.node if is_batch_norm(node) for k in (3, 4)}
-
-
-def _statistics(model: onnx.ModelProto, graph: Graph | None, exported: onnx.ModelProto, state: _State,
+def _statistics(model: onnx.ModelProto, graph: Graph, exported: onnx.ModelProto, state: _State,
                 marked: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Leaf path → calibrated value, for the statistics of every BN of ``model`` (calibrated;
-    restricted to ``graph``'s BNs when given). A BN node keeps its output name through prediction
-    and calibration; in the export it reads marker tensors."""
-    source = {n.output[0]: n for n in exported.graph.node if is_batch_norm(n)}
-    stored = stored_tensors(model)
-    producer = {o: n for n in model.graph.node for o in n.output if o}
-    targets = set(calibration_targets(model, graph))
-    tensors, values = [], []
-    for node in model.graph.node:
-        if not is_batch_norm(node) or (node.name or node.output[0]) not in targets:
-            continue
-        if node.output[0] not in source:
-            raise GhnOnnxError(f"BatchNormalization {node.output[0]!r} of the prediction is not in the export")
-        for k in (3, 4):
-            tensors.append(source[node.output[0]].input[k])
-            values.append(numpy_helper.to_array(stored[alias_source(node.input[k], stored, producer)]))
+    """Leaf path → calibrated value, for the statistics of every calibrated BN of ``model``; in
+    the export its BN node reads marker tensors."""
+    found = calibrated_statistics(model, graph, exported)
     try:
-        matches = match_leaves(exported, state.leaves, tensors)
+        matches = match_leaves(exported, state.leaves, [name for _, name, _ in found])
     except GhnOnnxError as exc:
         raise GhnOnnxError(f"calibrated BN statistics: {exc}") from None
     leaves = {leaf.path: leaf for leaf in state.leaves}
-    return {m.leaf: to_leaf(v, marked[m.tensor], leaves[m.leaf]) for m, v in zip(matches, values)}
+    return {m.leaf: to_leaf(v, marked[m.tensor], leaves[m.leaf]) for m, (_, _, v) in zip(matches, found)}
 
 
-def _kept(state: _State, done: set[str], exported: onnx.ModelProto, marked: Mapping[str, np.ndarray]
-          ) -> dict[str, str]:
+def _kept(state: _State, done: set[str], exported: onnx.ModelProto, marked: Mapping[str, np.ndarray],
+          bn_status: str) -> dict[str, str]:
     """Every leaf not set (predicted or calibrated) → why it kept its value."""
-    readers: dict[str, set[str]] = defaultdict(set)
-    for node in exported.graph.node:
-        for x in node.input:
-            readers[x].add(node.op_type)
-    statistics = _bn_statistics(exported)
-    starts = np.array([leaf.offset for leaf in state.leaves], dtype=np.int64)
-    where: dict[str, list[str]] = defaultdict(list)  # leaf → the stored tensors holding its markers
+    holders: dict[str, list[str]] = defaultdict(list)  # leaf → the stored tensors holding its markers
     for name, index in marked.items():
-        for k in np.unique(np.searchsorted(starts, index.ravel(), side="right") - 1):
-            where[state.leaves[int(k)].path].append(name)
+        for leaf in owners(index, state.leaves):
+            holders[leaf.path].append(name)
     floating = {leaf.path for leaf in state.leaves}
-    kept = {}
-    for path in state.paths:
-        if path in done:
-            continue
-        if path not in floating:
-            kept[path] = "not a floating-point array"
-        elif not where[path]:
-            kept[path] = "not in the ONNX export (unused by the forward, or computed into another tensor)"
-        elif any(t in statistics for t in where[path]):
-            kept[path] = "BN running statistics: never predicted (calibrate= measures them)"
-        else:
-            ops = ", ".join(sorted(set().union(*(readers[t] for t in where[path])))) or "nothing"
-            kept[path] = f"read by {ops}: no GHN node predicts it"
-    return kept
+    reasons = kept_reasons({p: holders[p] for p in floating - done}, exported, bn_status)
+    return {path: "not a floating-point array" if path not in floating else reasons[path]
+            for path in state.paths if path not in done}
 
 
 def _verify(module: Any, state: _State, tree: Any, example_input: Any, apply_kwargs: Mapping[str, Any] | None,

@@ -32,7 +32,8 @@ against the weights no name matched, under each layout of :data:`LAYOUTS` (HWIO 
 → ``(in·m, 1, h, w)``, Dense transposed for ``Gemm``), and must match exactly one
 (:func:`match_weights`). No silent misses: a predicted tensor without its weight is an error and
 nothing is assigned; after assignment every weight is read back and compared with its prediction.
-The :class:`~ghn_onnx.torch.Report` lists every weight predicted, calibrated or kept, and why.
+The :class:`~ghn_onnx.writeback.live.Report` (one class for the three frameworks) lists every
+weight predicted, calibrated or kept, and why.
 
 Calibration (``calibrate=``) measures BN moving mean and variance on the predicted ONNX model and
 assigns them. Keras models take NHWC images; the layout is read off the ONNX input
@@ -48,11 +49,10 @@ Keras; committed fixtures (``tests/fixtures/keras/``) test them without Keras in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import io
 import os
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -62,17 +62,22 @@ from onnx import numpy_helper
 
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.model import GHN
-from ghn_onnx.onnx_io.storage import ALIAS_OPS, alias_source, is_batch_norm, stored_tensors, untie_aliases
-from ghn_onnx.pipeline import Prediction, PredictOptions, _calibrate, bn_status, load_ghn, predict, prepare
-from ghn_onnx.torch import NOT_OPTIONS, OPSET, Report, _calibrate_on_inputs
+from ghn_onnx.onnx_io.storage import alias_source, stored_tensors, untie_aliases
+from ghn_onnx.pipeline import Prediction
+from ghn_onnx.torch import OPSET
+from ghn_onnx.writeback.live import (CALIBRATION_OPTIONS, NOT_OPTIONS, Report, calibrate_export, calibrated_statistics,
+                                     check_options, kept_reasons, match_by_value, predict_export,
+                                     raise_unmatched, tensors_per_variable)
 from ghn_onnx.writeback.write import resolve_shared
+
+__all__ = ["init_", "calibrate_", "copy_prediction", "export", "match_names", "match_weights", "weight_path",
+           "own_preprocessing", "LAYOUTS", "Layout", "Match", "Report", "NOT_OPTIONS"]
 
 # The torch backend registers each variable in a ParameterDict named so; a parameter's name is
 # ``<module path>._torch_params.<variable.path>`` (the module path is empty for the model itself).
 TORCH_PARAMS = "_torch_params."
 # Layers that rescale or normalise images inside the model (calibration then feeds raw pixels).
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
-BN_STATISTICS = ("moving_mean", "moving_variance")
 
 
 def _hwio_to_oihw(k: np.ndarray) -> np.ndarray:
@@ -197,39 +202,23 @@ def match_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], ten
             continue
         matches.append(found)
         del free[found.weight]
-    owners: dict[str, list[str]] = defaultdict(list)
-    for m in matches:
-        owners[m.weight].append(m.tensor)
-    problems += [f"tensors {', '.join(map(repr, ts))} are all predictions for weight {w!r}"
-                 for w, ts in owners.items() if len(ts) > 1]
-    if problems:
-        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise GhnOnnxError(f"{len(problems)} predicted tensor(s) cannot be assigned to the Keras model: "
-                           + "; ".join(problems[:5]) + more)
+    problems += tensors_per_variable([(m.tensor, m.weight) for m in matches], "weight ")
+    raise_unmatched(problems, "assigned to the Keras model")
     order = {t: i for i, t in enumerate(tensors)}
     return sorted(matches, key=lambda m: order[m.tensor])
 
 
 def _by_value(tensor: str, value: np.ndarray, free: Mapping[str, np.ndarray]) -> Match | str:
     """The one free weight whose value ``tensor`` holds under one of :data:`LAYOUTS`, or why not."""
-    if value.size < 2 or np.all(value == value.flat[0]):
-        return (f"{tensor!r} {value.shape} matches no weight by name, and holds one value repeated (a constant "
-                "of the export, e.g. the scale of a BatchNormalization with scale=False): the model has no "
-                "weight for it")
-    found = []
-    for path, ref in free.items():
-        ref = np.asarray(ref)
-        for name, layout in LAYOUTS.items():
-            if not layout.applies(ref.shape):
-                continue
-            candidate = layout.to_onnx(ref)
-            if candidate.shape == value.shape and np.array_equal(candidate, value):
-                found.append(Match(tensor, path, name))
-                break  # one weight, one match: a symmetric kernel equals itself under several layouts
-    if len(found) != 1:
-        return (f"{tensor!r} {value.shape} matches no weight by name, and "
-                + ("none by value" if not found else f"{', '.join(m.weight for m in found)} by value (ambiguous)"))
-    return found[0]
+    layouts = {name: functools.partial(_stored_as, layout) for name, layout in LAYOUTS.items()}
+    found = match_by_value(tensor, value, {p: np.asarray(v) for p, v in free.items()}, layouts, "weight",
+                           "(a constant of the export, e.g. the scale of a BatchNormalization with scale=False): "
+                           "the model has no weight for it")
+    return found if isinstance(found, str) else Match(tensor, *found)
+
+
+def _stored_as(layout: Layout, value: np.ndarray) -> np.ndarray | None:
+    return layout.to_onnx(value) if layout.applies(value.shape) else None
 
 
 # -- Keras -----------------------------------------------------------------------------------
@@ -251,7 +240,7 @@ def init_(model, *, checkpoint: str | os.PathLike | GHN | None = None, calibrate
             ``batch_size``, ``seed``, ``mean``, ``std``, ``no_normalize``, ``device``, ``metadata``).
 
     Returns:
-        a :class:`~ghn_onnx.torch.Report` keyed by weight path (``predicted``: path → :class:`Match`;
+        a :class:`~ghn_onnx.writeback.live.Report` keyed by weight path (``predicted``: path → :class:`Match`;
         ``statistics``: the BN moving statistics calibrated; ``kept``: every other weight, and why).
 
     Raises:
@@ -260,17 +249,13 @@ def init_(model, *, checkpoint: str | os.PathLike | GHN | None = None, calibrate
             is assigned then).
         TypeError: an unknown option, or ``unfold_bn`` / ``calibrate`` given as an option.
     """
-    _check_options("init_", predict_options)  # before the export, which takes seconds
+    check_options("init_", predict_options)  # before the export, which takes seconds
     exported = export(model)
-    ghn = checkpoint if isinstance(checkpoint, GHN) or checkpoint is None else load_ghn(
-        checkpoint, predict_options.get("device") or "cpu")
     by_path = calibrate if isinstance(calibrate, (str, os.PathLike)) else None
     predict_options, notes = _image_options(model, by_path, predict_options)
-    pred = predict(exported, ghn, name=model.name, calibrate=by_path, **predict_options)
+    data = calibrate if calibrate is None or by_path is not None else np.asarray(calibrate, np.float32)
+    pred = predict_export(exported, model.name, checkpoint, data, predict_options)
     pred.warnings.extend(notes)
-    if calibrate is not None and by_path is None:
-        _calibrate_on_inputs(pred, np.asarray(calibrate, np.float32),
-                             predict_options.get("batch_size", PredictOptions.batch_size))
     return copy_prediction(model, pred, exported)
 
 
@@ -291,16 +276,13 @@ def calibrate_(model, data, **options) -> list[str]:
         GhnOnnxError: the model cannot be exported, bad calibration data.
         TypeError: an unknown option.
     """
-    _check_options("calibrate_", options)
+    check_options("calibrate_", options, CALIBRATION_OPTIONS)
     exported = export(model)
-    graph_model, graph = prepare(exported, model.name)
-    pred = Prediction(name=model.name, model=graph_model, graph=graph, predicted_tensors=0,
-                      predicted_elements=0, bn_status=bn_status(graph))
     if isinstance(data, (str, os.PathLike)):
         options, _ = _image_options(model, data, options)
-        _calibrate(pred, PredictOptions(calibrate=data, **options))
     else:
-        _calibrate_on_inputs(pred, np.asarray(data, np.float32), options.get("batch_size", PredictOptions.batch_size))
+        data = np.asarray(data, np.float32)
+    pred = calibrate_export(exported, model.name, data, options)
     if not pred.bn_status.startswith("calibrated"):
         return []
     variables = _variables(model)
@@ -308,17 +290,6 @@ def calibrate_(model, data, **options) -> list[str]:
     for path, value in statistics.items():
         variables[path].assign(value.astype(_numpy(variables[path]).dtype))
     return list(statistics)
-
-
-def _check_options(caller: str, options: Mapping[str, object]) -> None:
-    bad = sorted(NOT_OPTIONS & set(options))
-    if bad:
-        raise TypeError(f"{caller} does not take {', '.join(bad)} as an option (it exports with BN kept; pass "
-                        "calibration data as calibrate=)")
-    known = {f.name for f in dataclasses.fields(PredictOptions)} - NOT_OPTIONS
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
 
 
 def _image_options(model, images, options: Mapping) -> tuple[dict, list[str]]:
@@ -361,7 +332,7 @@ def copy_prediction(model, prediction: Prediction, exported: onnx.ModelProto) ->
     if wrong:  # a backend that keeps another copy, or a layout bug: never leave it unsaid
         raise GhnOnnxError(f"{len(wrong)} weight(s) do not read back as assigned: {', '.join(wrong[:5])}")
     predicted = {m.weight: m for m in matches}
-    return Report(predicted=predicted, kept=_kept(variables, predicted, statistics, untied, prediction),
+    return Report(predicted=predicted, kept=_kept(variables, set(predicted) | set(statistics), untied, prediction),
                   statistics=list(statistics), bn_status=prediction.bn_status,
                   warnings=list(prediction.warnings), prediction=prediction)
 
@@ -475,63 +446,22 @@ def _numpy(variable) -> np.ndarray:
 
 
 def _statistics(pred: Prediction, exported: onnx.ModelProto, variables: Mapping) -> dict[str, np.ndarray]:
-    """Weight path → calibrated value, for the moving statistics of every calibrated BN. A BN
-    node keeps its output name through prediction and calibration; its export reads the
-    variables through ``Cast`` / ``Identity``."""
-    from ghn_onnx.bn.calibration import calibration_targets
-
-    source = {n.output[0]: n for n in exported.graph.node if is_batch_norm(n)}
-    exported_stored = stored_tensors(exported)
-    exported_producer = {o: n for n in exported.graph.node for o in n.output if o}
-    stored = stored_tensors(pred.model)
-    producer = {o: n for n in pred.model.graph.node for o in n.output if o}
-    targets = set(calibration_targets(pred.model, pred.graph))
+    """Weight path → calibrated value, for the moving statistics of every calibrated BN; the
+    export's BN nodes read the variables through ``Cast`` / ``Identity``."""
+    stored = stored_tensors(exported)
+    producer = {o: n for n in exported.graph.node for o in n.output if o}
     out: dict[str, np.ndarray] = {}
-    for node in pred.model.graph.node:
-        if not is_batch_norm(node) or (node.name or node.output[0]) not in targets:
-            continue
-        if node.output[0] not in source:
-            raise GhnOnnxError(f"BatchNormalization {node.output[0]!r} of the prediction is not in the export given")
-        for k in (3, 4):
-            tensor = alias_source(source[node.output[0]].input[k], exported_stored, exported_producer)
-            path = weight_path(tensor or "")
-            if path not in variables:
-                raise GhnOnnxError(f"BatchNormalization {node.name or node.output[0]!r}: its statistics "
-                                   f"{tensor!r} are not a weight of the model")
-            out[path] = numpy_helper.to_array(stored[alias_source(node.input[k], stored, producer)])
+    for bn, name, value in calibrated_statistics(pred.model, pred.graph, exported):
+        tensor = alias_source(name, stored, producer)
+        path = weight_path(tensor or "")
+        if path not in variables:
+            raise GhnOnnxError(f"BatchNormalization {bn!r}: its statistics {tensor!r} are not a weight of the model")
+        out[path] = value
     return out
 
 
-def _kept(variables: Mapping, predicted: Mapping[str, Match], statistics: Mapping[str, np.ndarray],
-          exported: onnx.ModelProto, pred: Prediction) -> dict[str, str]:
-    """Every weight neither predicted nor calibrated → why it kept its own value."""
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in exported.graph.node:
-        for x in node.input:
-            consumers[x].append(node)
-
-    def readers(name: str, seen: set[str]) -> set[str]:  # the ops that use the value, through Cast / Identity
-        out: set[str] = set()
-        for node in consumers[name]:
-            if node.op_type in ALIAS_OPS and node.output[0] not in seen:
-                seen.add(node.output[0])
-                out |= readers(node.output[0], seen)
-            else:
-                out.add(node.op_type)
-        return out
-
+def _kept(variables: Mapping, done: set[str], exported: onnx.ModelProto, pred: Prediction) -> dict[str, str]:
+    """Every weight neither predicted nor calibrated (``done``) → why it kept its own value."""
     by_path = {weight_path(t): t for t in stored_tensors(exported) if weight_path(t)}
-    kept = {}
-    for path in variables:
-        if path in predicted or path in statistics:
-            continue
-        if path.rsplit("/", 1)[-1] in BN_STATISTICS and path in by_path:
-            kept[path] = ("BN moving statistic: never predicted (calibrate= measures it)"
-                          if not pred.bn_status.startswith("calibrated") else
-                          "BN moving statistic of a BN the calibration did not reach")
-        elif path not in by_path:
-            kept[path] = "not in the ONNX export (unused by the forward pass, not a float, or folded into another tensor)"
-        else:
-            ops = ", ".join(sorted(readers(by_path[path], set()))) or "nothing"
-            kept[path] = f"read by {ops}: no GHN node predicts it"
-    return kept
+    holders = {path: [by_path[path]] if path in by_path else [] for path in variables if path not in done}
+    return kept_reasons(holders, exported, pred.bn_status)

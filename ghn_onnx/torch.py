@@ -16,18 +16,17 @@ keeps its device, dtype and train/eval mode; only a copy is exported. :func:`cal
 the BN statistics alone, the same way (a fair baseline: the module's own init, calibrated).
 
 No silent misses: a predicted tensor that cannot be matched to one parameter is an error, and the
-:class:`Report` says, for every parameter not predicted, why it kept its own initialisation.
+:class:`Report` (:mod:`ghn_onnx.writeback.live`, shared with Keras and Flax) says, for every parameter
+not predicted, why it kept its own initialisation.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import os
 import warnings
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -35,17 +34,19 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ghn_onnx.bn.calibration import calibrate_bn, calibration_targets, iter_batches
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.model import GHN
-from ghn_onnx.onnx_io.storage import alias_source, is_batch_norm, stored_tensors, untie_aliases
-from ghn_onnx.pipeline import (NO_BN_TO_CALIBRATE, Prediction, PredictOptions, _calibrate, _set_bn_metadata,
-                               bn_status, load_ghn, predict, prepare)
+from ghn_onnx.onnx_io.storage import stored_tensors, untie_aliases
+from ghn_onnx.pipeline import Prediction
+from ghn_onnx.writeback.live import (CALIBRATION_OPTIONS, NOT_OPTIONS, Report, calibrate_export, calibrated_statistics,
+                                     check_options, kept_reasons, match_by_value, predict_export,
+                                     raise_unmatched, tensors_per_variable)
 from ghn_onnx.writeback.write import resolve_shared
 
+__all__ = ["init_", "calibrate_", "copy_prediction", "export", "match_parameters", "drop_constant_norm_biases",
+           "Match", "Report", "NOT_OPTIONS", "OPSET"]
+
 OPSET = 17
-# PredictOptions fields that make no sense here: init_ exports with BN kept, calibrate is an argument.
-NOT_OPTIONS = frozenset({"unfold_bn", "calibrate"})
 
 CalibrationData = str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -64,37 +65,6 @@ class Match:
     tensor: str
     parameter: str
     transposed: bool = False
-
-
-@dataclass
-class Report:
-    """What :func:`init_` did to the module.
-
-    Attributes:
-        predicted: parameter name → the :class:`Match` it was copied from, in GHN graph order.
-        kept: parameter name → why it kept its own initialisation (for every parameter not in
-            ``predicted``; tied names of one parameter appear under their first name only).
-        statistics: BN buffer names set from calibration (``running_mean`` / ``running_var``).
-        bn_status: as :attr:`Prediction.bn_status` (``none``, ``uncalibrated``, ``calibrated:<images>``...).
-        warnings: the prediction's warnings (how the graph was read, calibration notes).
-        prediction: the predicted ONNX model and its graph (:class:`~ghn_onnx.pipeline.Prediction`).
-    """
-
-    predicted: dict[str, Match]
-    kept: dict[str, str]
-    statistics: list[str]
-    bn_status: str
-    warnings: list[str] = field(default_factory=list)
-    prediction: Prediction | None = field(default=None, repr=False)
-
-    def format(self) -> str:
-        """A few lines for people: counts, BN status, every kept parameter with its reason."""
-        total = len(self.predicted) + len(self.kept)
-        lines = [f"predicted {len(self.predicted)} of {total} parameters; BN {self.bn_status}"
-                 + (f" ({len(self.statistics)} statistics buffers set)" if self.statistics else "")]
-        lines += [f"kept its own init: {name}: {why}" for name, why in self.kept.items()]
-        lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
 
 
 def init_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor], *,
@@ -124,14 +94,9 @@ def init_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch.
             predicted tensor that matches no parameter (nothing is copied then).
         TypeError: an unknown option, or ``unfold_bn`` / ``calibrate`` given as an option.
     """
-    _check_options("init_", predict_options)  # before the export, which takes seconds
+    check_options("init_", predict_options)  # before the export, which takes seconds
     exported = export(module, example_input)
-    ghn = checkpoint if isinstance(checkpoint, GHN) or checkpoint is None else load_ghn(
-        checkpoint, predict_options.get("device") or "cpu")
-    by_path = calibrate if isinstance(calibrate, (str, os.PathLike)) else None
-    pred = predict(exported, ghn, name=type(module).__name__, calibrate=by_path, **predict_options)
-    if calibrate is not None and by_path is None:
-        _calibrate_on_inputs(pred, calibrate, predict_options.get("batch_size", PredictOptions.batch_size))
+    pred = predict_export(exported, type(module).__name__, checkpoint, _inputs_array(calibrate), predict_options)
     return copy_prediction(module, pred, exported)
 
 
@@ -154,15 +119,9 @@ def calibrate_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[t
         GhnOnnxError: the module cannot be exported, bad calibration data.
         TypeError: an unknown option.
     """
-    _check_options("calibrate_", options)
+    check_options("calibrate_", options, CALIBRATION_OPTIONS)
     exported = export(module, example_input)
-    model, graph = prepare(exported, type(module).__name__)
-    pred = Prediction(name=type(module).__name__, model=model, graph=graph, predicted_tensors=0,
-                      predicted_elements=0, bn_status=bn_status(graph))
-    if isinstance(data, (str, os.PathLike)):
-        _calibrate(pred, PredictOptions(calibrate=data, **options))
-    else:
-        _calibrate_on_inputs(pred, data, options.get("batch_size", PredictOptions.batch_size))
+    pred = calibrate_export(exported, type(module).__name__, _inputs_array(data), options)
     if not pred.bn_status.startswith("calibrated"):
         return []
     statistics = _statistics(pred, exported, module)
@@ -171,17 +130,6 @@ def calibrate_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[t
         for name, value in statistics.items():
             _copy(buffers[name], value, name)
     return list(statistics)
-
-
-def _check_options(caller: str, options: Mapping[str, object]) -> None:
-    bad = sorted(NOT_OPTIONS & set(options))
-    if bad:
-        raise TypeError(f"{caller} does not take {', '.join(bad)} as an option (it exports with BN kept; pass "
-                        "calibration data as an argument)")
-    known = {f.name for f in dataclasses.fields(PredictOptions)} - NOT_OPTIONS
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
 
 
 def copy_prediction(module: torch.nn.Module, prediction: Prediction, exported: onnx.ModelProto) -> Report:
@@ -209,7 +157,7 @@ def copy_prediction(module: torch.nn.Module, prediction: Prediction, exported: o
         for name, value in statistics.items():
             _copy(buffers[name], value, name)
     predicted = {m.parameter: m for m in matches}
-    return Report(predicted=predicted, kept=_kept(module, predicted, prediction.model), statistics=list(statistics),
+    return Report(predicted=predicted, kept=_kept(module, predicted, prediction), statistics=list(statistics),
                   bn_status=prediction.bn_status, warnings=list(prediction.warnings), prediction=prediction)
 
 
@@ -308,37 +256,24 @@ def match_parameters(model: onnx.ModelProto, module: torch.nn.Module, tensors: I
         matches.append(found)
         named.add(id(params[found.parameter]))
         del free[found.parameter]
-    owners: dict[int, list[str]] = defaultdict(list)
-    for m in matches:
-        owners[id(params[m.parameter])].append(m.tensor)
-    problems += [f"tensors {', '.join(map(repr, ts))} are all predictions for parameter {first_name[k]!r}"
-                 for k, ts in owners.items() if len(ts) > 1]
-    if problems:
-        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise GhnOnnxError(f"{len(problems)} predicted tensor(s) cannot be copied into {type(module).__name__}: "
-                           + "; ".join(problems[:5]) + more)
+    problems += tensors_per_variable([(m.tensor, first_name[id(params[m.parameter])]) for m in matches], "parameter ")
+    raise_unmatched(problems, f"copied into {type(module).__name__}")
     return matches
+
+
+# How a parameter may be stored by the exporter (a Linear weight that a MatMul reads is transposed).
+_LAYOUTS = {"as stored": lambda p: p, "transposed": lambda p: p.T if p.ndim == 2 else None}
 
 
 def _by_value(tensor: str, proto: onnx.TensorProto | None, free: Mapping[str, torch.nn.Parameter]) -> Match | str:
     """The one free parameter whose values ``tensor`` holds (as is, or transposed), or why not."""
     if proto is None:
         return f"{tensor!r} is not an initializer of the export"
-    value = numpy_helper.to_array(proto)
-    if value.size < 2 or np.all(value == value.flat[0]):
-        return (f"{tensor!r} {value.shape} matches no parameter by name, and holds one value repeated (a constant "
-                "of the export, e.g. the scale of a norm without affine parameters): the module has no "
-                "parameter for it")
-    found = []
-    for name, p in free.items():
-        ref = p.detach().cpu().float().numpy()
-        for transposed, candidate in ((False, value), (True, value.T if value.ndim == 2 else None)):
-            if candidate is not None and candidate.shape == ref.shape and np.array_equal(candidate, ref):
-                found.append(Match(tensor, name, transposed))
-    if len(found) != 1:
-        return (f"{tensor!r} {value.shape} matches no parameter by name, and "
-                + ("none by value" if not found else f"{', '.join(m.parameter for m in found)} by value (ambiguous)"))
-    return found[0]
+    values = {name: p.detach().cpu().float().numpy() for name, p in free.items()}
+    found = match_by_value(tensor, numpy_helper.to_array(proto), values, _LAYOUTS, "parameter",
+                           "(a constant of the export, e.g. the scale of a norm without affine parameters): the "
+                           "module has no parameter for it")
+    return found if isinstance(found, str) else Match(tensor, found[0], found[1] == "transposed")
 
 
 def _copy(target: torch.Tensor, value: np.ndarray, name: str) -> None:
@@ -347,57 +282,29 @@ def _copy(target: torch.Tensor, value: np.ndarray, name: str) -> None:
     target.copy_(torch.tensor(value).to(device=target.device, dtype=target.dtype))
 
 
-def _calibrate_on_inputs(pred: Prediction, data: np.ndarray | torch.Tensor, batch_size: int) -> None:
-    """Calibrate ``pred`` in place on model inputs given as an array (as :func:`pipeline._calibrate` does
-    for images)."""
-    x = data.detach().cpu().float().numpy() if isinstance(data, torch.Tensor) else np.asarray(data, np.float32)
-    if not calibration_targets(pred.model, pred.graph):
-        pred.warnings.append(f"{NO_BN_TO_CALIBRATE} (BN status stays {pred.bn_status})")
-        return
-    pred.model = calibrate_bn(pred.model, list(iter_batches(x, batch_size)), graph=pred.graph)
-    pred.bn_status = f"calibrated:{len(x)}"
-    _set_bn_metadata(pred.model, pred.bn_status)
+def _inputs_array(data: CalibrationData | None) -> str | os.PathLike | np.ndarray | None:
+    """Calibration data as the shared calibration takes it: a path as it is, inputs as float32 numpy."""
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu().float().numpy()
+    return data if data is None or isinstance(data, (str, os.PathLike)) else np.asarray(data, np.float32)
 
 
 def _statistics(pred: Prediction, exported: onnx.ModelProto, module: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Buffer name → calibrated value, for the running statistics of every calibrated BN. A BN
-    node keeps its output name through prediction and calibration; its export reads the
-    module's buffers by name."""
-    source = {n.output[0]: n for n in exported.graph.node if is_batch_norm(n)}
+    """Buffer name → calibrated value, for the running statistics of every calibrated BN; the
+    export's BN nodes read the module's buffers by name."""
     buffers = dict(module.named_buffers(remove_duplicate=False))
-    stored = stored_tensors(pred.model)
-    producer = {o: n for n in pred.model.graph.node for o in n.output if o}
-    targets = set(calibration_targets(pred.model, pred.graph))
     out: dict[str, np.ndarray] = {}
-    for node in pred.model.graph.node:
-        if not is_batch_norm(node) or (node.name or node.output[0]) not in targets:
-            continue
-        if node.output[0] not in source:
-            raise GhnOnnxError(f"BatchNormalization {node.output[0]!r} of the prediction is not in the export given")
-        for k in (3, 4):
-            name = source[node.output[0]].input[k]
-            if name not in buffers:
-                raise GhnOnnxError(f"BatchNormalization {node.name or node.output[0]!r}: its statistics "
-                                   f"{name!r} are not a buffer of {type(module).__name__}")
-            out[name] = numpy_helper.to_array(stored[alias_source(node.input[k], stored, producer)])
+    for bn, name, value in calibrated_statistics(pred.model, pred.graph, exported):
+        if name not in buffers:
+            raise GhnOnnxError(f"BatchNormalization {bn!r}: its statistics {name!r} are not a buffer of "
+                               f"{type(module).__name__}")
+        out[name] = value
     return out
 
 
-def _kept(module: torch.nn.Module, predicted: Mapping[str, Match], model: onnx.ModelProto) -> dict[str, str]:
+def _kept(module: torch.nn.Module, predicted: Mapping[str, Match], prediction: Prediction) -> dict[str, str]:
     """Every parameter not predicted (by its first name) → why it kept its own init."""
     done = {id(p) for n, p in module.named_parameters(remove_duplicate=False) if n in predicted}
-    readers: dict[str, set[str]] = defaultdict(set)
-    for node in model.graph.node:
-        for x in node.input:
-            readers[x].add(node.op_type)
-    stored = stored_tensors(model)
-    kept = {}
-    for name, p in module.named_parameters():
-        if id(p) in done:
-            continue
-        if name not in stored:
-            kept[name] = "not in the ONNX export (unused by forward, or computed into another tensor)"
-        else:
-            ops = ", ".join(sorted(readers[name])) or "nothing"
-            kept[name] = f"read by {ops}: no GHN node predicts it"
-    return kept
+    stored = stored_tensors(prediction.model)
+    holders = {name: [name] if name in stored else [] for name, p in module.named_parameters() if id(p) not in done}
+    return kept_reasons(holders, prediction.model, prediction.bn_status)

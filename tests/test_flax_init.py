@@ -283,10 +283,12 @@ def test_readme_example_runs(shared_dir):
     import doctest
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    text = readme.split("## Initialise a Flax / JAX model", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n## Back into your framework\n", 1)[1].split("\n## ", 1)[0]
+    text = section.split("\n### Flax / JAX\n", 1)[1].split("\n### ", 1)[0]
     text = text.replace('"../shared/', f'"{shared_dir}/')  # README paths are from a checkout's root
     parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    runner.run(parser.get_doctest(text, {"__name__": "readme_flax"}, "README.md: Flax / JAX", "README.md", 0))
+    runner.run(parser.get_doctest(text, {"__name__": "readme_flax"}, "README.md: Back into your framework: Flax / JAX",
+                                  "README.md", 0))
     result = runner.summarize(verbose=False)
     assert result.attempted >= 6 and result.failed == 0
 

@@ -337,10 +337,11 @@ def test_readme_example_and_docstring_run(shared_dir):
 
     keras_module()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    text = readme.split("## Initialise a Keras model", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n## Back into your framework\n", 1)[1].split("\n## ", 1)[0]
+    text = section.split("\n### Keras\n", 1)[1].split("\n### ", 1)[0]
     text = text.replace("../shared", str(shared_dir))  # README paths are from a checkout's root
     parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    runner.run(parser.get_doctest(text, {}, "README.md: Initialise a Keras model", "README.md", 0))
+    runner.run(parser.get_doctest(text, {}, "README.md: Back into your framework: Keras", "README.md", 0))
     runner.run(parser.get_doctest(ghn_onnx.keras.__doc__, {}, "ghn_onnx.keras", "ghn_onnx/keras.py", 0))
     result = runner.summarize(verbose=False)
     assert result.attempted >= 10 and result.failed == 0
