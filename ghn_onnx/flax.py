@@ -258,9 +258,8 @@ def match_leaves(model: onnx.ModelProto, leaves: Sequence[Leaf], tensors: Iterab
     :attr:`Match.transpose` names the order.
 
     Raises:
-        GhnOnnxError: a tensor that is not a marker tensor (computed by the export, or a
-            constant), one made of part of a leaf or of several leaves, or two tensors for one
-            leaf. The message lists every such tensor.
+        GhnOnnxError: as :func:`~ghn_onnx.writeback.markers.find_leaves` (a tensor that is not one
+            whole leaf, two tensors for one leaf), listing every such tensor.
     """
     return [Match(t, path, order) for t, path, order in find_leaves(model, leaves, tensors)]
 
