@@ -49,7 +49,7 @@ def test_repeated_rows_are_exact_repeats_after_the_first():
 def test_tiled_rows_get_noise_and_nothing_else_changes(wide):
     _, graph, pred = wide
     before = {k: v.copy() for k, v in pred.items()}
-    out, report = for_training(graph, pred, ForTraining(noise=0.01))
+    out, report = for_training(graph, pred, ForTraining(noise=0.01, orthogonal_from=None))
     assert all(np.array_equal(pred[k], before[k]) for k in pred)  # inputs not modified
     cls_w, cls_b = classifier_nodes(graph)
     cls = {p.tensor for i in (cls_w, cls_b) if i is not None for p in graph.nodes[i].params}
@@ -72,9 +72,10 @@ def test_tiled_rows_get_noise_and_nothing_else_changes(wide):
 
 def test_deterministic_and_seeded_per_tensor(wide):
     _, graph, pred = wide
-    a, _ = for_training(graph, pred, ForTraining(seed=3))
-    b, _ = for_training(graph, dict(reversed(list(pred.items()))), ForTraining(seed=3))
-    c, _ = for_training(graph, pred, ForTraining(seed=4))
+    noise_only = dict(orthogonal_from=None)
+    a, _ = for_training(graph, pred, ForTraining(seed=3, **noise_only))
+    b, _ = for_training(graph, dict(reversed(list(pred.items()))), ForTraining(seed=3, **noise_only))
+    c, _ = for_training(graph, pred, ForTraining(seed=4, **noise_only))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["conv2.weight"], c["conv2.weight"])
 
@@ -111,7 +112,8 @@ def test_predict_records_it_in_the_metadata_and_is_reproducible(wide):
     plain = predict(model, load_ghn())
     meta = {p.key: p.value for p in a.model.metadata_props}
     record = json.loads(meta["ghn_onnx.for_training"])
-    assert record["seed"] == 1 and record["noise"] == 0.01 and record["noised_tensors"] >= 2
+    assert record["seed"] == 1 and record["noise"] == 0.01 and record["orthogonal_from"] == 0.0
+    assert record["orthogonalised"] == 2
     assert "ghn_onnx.for_training" not in {p.key for p in plain.model.metadata_props}
     assert a.model.SerializeToString() == b.model.SerializeToString()
     assert a.model.SerializeToString() != plain.model.SerializeToString()
@@ -130,11 +132,12 @@ def test_cli_for_training_writes_the_record(tmp_path):
     assert result.exit_code == 0, result.output
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     record = json.loads(meta["ghn_onnx.for_training"])
-    assert (record["noise"], record["seed"], record["orthogonal_from"]) == (0.05, 7, None)
+    assert (record["noise"], record["seed"], record["orthogonal_from"]) == (0.05, 7, 0.0)
 
 
-@pytest.mark.parametrize("args", [["--noise", "0.1"], ["--for-training", "--noise", "-1"],
-                                  ["--for-training", "--orthogonal-from", "2"]])
+@pytest.mark.parametrize("args", [["--noise", "0.1"], ["--no-orthogonal"], ["--for-training", "--noise", "-1"],
+                                  ["--for-training", "--orthogonal-from", "2"],
+                                  ["--for-training", "--orthogonal-from", "0.5", "--no-orthogonal"]])
 def test_cli_for_training_usage_errors_are_one_line(tmp_path, args):
     from click.testing import CliRunner
 
@@ -145,3 +148,28 @@ def test_cli_for_training_usage_errors_are_one_line(tmp_path, args):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_the_default_orthogonalises_and_leaves_no_copies(wide):
+    _, graph, pred = wide
+    out, report = for_training(graph, pred)
+    assert report.orthogonalised == 2
+    # conv2 (160 x 1152) comes out without copies; conv1 (128 x 27) is tall, its polar factor keeps
+    # the copies (its rows are combinations of the weight's), and the noise separates them.
+    assert report.noised_tensors == 1 and report.noised_rows == len(repeated_rows(pred["conv1.weight"]))
+    assert all(len(repeated_rows(out[k])) == 0 for k in ("conv1.weight", "conv2.weight"))
+    assert np.array_equal(out["fc.weight"], pred["fc.weight"])
+
+
+def test_cli_no_orthogonal_is_noise_only(tmp_path):
+    from click.testing import CliRunner
+
+    from ghn_onnx.cli import main
+    import onnx
+
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["predict", "tests/fixtures/frameworks/torch_cnn.onnx", "-o", str(out),
+                                       "--for-training", "--no-orthogonal"])
+    assert result.exit_code == 0, result.output
+    record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["ghn_onnx.for_training"])
+    assert record["orthogonal_from"] is None and record["orthogonalised"] == 0
