@@ -5,6 +5,7 @@ and the numba store giving the same bits for any count (the sweep's counterpart 
 
 from __future__ import annotations
 
+import os
 import numba
 import pytest
 import torch
@@ -82,3 +83,28 @@ def test_numba_store_is_the_same_for_any_thread_count(free, monkeypatch):
         assert cpu_threads.threads_for(plan.total, 1, numba.get_num_threads()) == (1 if others else min(numba.get_num_threads(), 4))
         runs.append(numba_store.store(plan, src).clone())
     assert torch.equal(runs[0], runs[1])
+
+
+def test_numba_leaves_torch_thread_count_alone():
+    """numba's omp layer shares torch's OpenMP runtime: starting its pool or a parallel loop must
+    not change the caller's torch count (else OMP_NUM_THREADS=1 becomes 2 after the first
+    prediction, and later predictions differ in their last bits from earlier ones)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from test_flat_decode import fresh_ghn, odd_shapes_graph, random_dag
+        ghn = fresh_ghn("cpu", seed=1)
+        batch = ghn.batch([odd_shapes_graph(), random_dag(30, 3)])
+        before = torch.get_num_threads()
+        with torch.no_grad():
+            ghn(batch)
+        print(before, torch.get_num_threads())
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["1", "1"], out.stdout

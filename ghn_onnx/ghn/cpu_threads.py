@@ -77,15 +77,38 @@ def threads_for(work: int, grain: int, limit: int) -> int:
     return 1 if n <= 1 else min(n, free_cpus())
 
 
+def numba_configured_threads() -> int:
+    """numba's configured thread count, with torch's count in this thread left as it was: the
+    first ``numba.get_num_threads()`` starts numba's pool, and under the ``omp`` layer that sets
+    the calling thread's OpenMP count (torch's) to numba's, e.g. 2 where ``OMP_NUM_THREADS=1``."""
+    import numba
+    import torch
+
+    torch_threads = torch.get_num_threads()
+    n = numba.get_num_threads()
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    return n
+
+
 @contextlib.contextmanager
 def numba_threads(work: int, grain: int, limit: int | None = None) -> Iterator[int]:
     """numba's thread count (for parallel loops launched from this thread) set to
     :func:`threads_for` for the block, then restored; yields the count. ``limit`` defaults to
-    the current setting."""
-    import numba
+    the current setting, and never exceeds torch's count in this thread (what the user set, e.g.
+    through ``OMP_NUM_THREADS``).
 
-    configured = numba.get_num_threads()
-    n = threads_for(work, grain, configured if limit is None else min(limit, configured))
+    numba's ``omp`` threading layer shares torch's OpenMP runtime, so ``numba.set_num_threads``
+    also sets torch's count in the calling thread; torch's count is put back after the block, or
+    a numba call would change how later torch ops in this thread split their work (and so their
+    last bits)."""
+    import numba
+    import torch
+
+    torch_threads = torch.get_num_threads()
+    configured = numba_configured_threads()
+    cap = min(configured, torch_threads) if limit is None else min(limit, configured, torch_threads)
+    n = threads_for(work, grain, cap)
     if n != configured:
         numba.set_num_threads(n)
     try:
@@ -93,3 +116,5 @@ def numba_threads(work: int, grain: int, limit: int | None = None) -> Iterator[i
     finally:
         if n != configured:
             numba.set_num_threads(configured)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)

@@ -69,7 +69,7 @@ WORK_PER_THREAD = 25_000
 
 def _threads(batch: GraphBatch) -> int:
     """The parts graphs are dealt to: the configured thread count, at most one per graph."""
-    return max(1, min(numba.get_num_threads(), len(batch.graphs)))
+    return max(1, min(cpu_threads.numba_configured_threads(), len(batch.graphs)))
 
 
 def _work(batch: GraphBatch) -> int:
