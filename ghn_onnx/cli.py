@@ -448,7 +448,9 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
             summaries = [r.summary() for r in predict_files(models, outputs, ghn, options, return_models=False)]
             click.echo(json.dumps(summaries, indent=2)) if as_json else _print_predictions(summaries)
             return
-        with tqdm(total=len(models), desc="predict", unit="model", disable=as_json or len(models) < 2) as bar:
+        # None: tqdm shows the bar only on a terminal (a pipe or log gets the Error lines alone)
+        with tqdm(total=len(models), desc="predict", unit="model",
+                  disable=True if as_json or len(models) < 2 else None) as bar:
             fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # no op has run here yet
             results = predict_many(models, outputs, ckpt, options, jobs=jobs, ghn=ghn, progress=bar.update,
                                    start_method=fork)
@@ -557,7 +559,7 @@ def explain(model, data, checkpoint, images, layers, batch_size, bn, seed, mean,
     try:
         result = explain_model(model, data, checkpoint=ghn, images=images, layers=layers, batch_size=batch_size,
                                seed=seed, bn=bn, **_normalisation(mean, std, no_normalize),
-                               progress=lambda it: tqdm(it, desc="re-init", unit="layer", disable=quiet))
+                               progress=lambda it: tqdm(it, desc="re-init", unit="layer", disable=True if quiet else None))
     except GhnOnnxError as exc:
         raise _user_error(exc) from None
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else result.format())

@@ -149,8 +149,8 @@ def _run(name: str, command: str, model: str, expect: frozenset[int], folder: Pa
     if command == "calibrate":
         images = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
         np.save(folder / "images.npy", images)
-        return Case(name, ["calibrate", model, "-o", "out.onnx", "--data", "images.npy", "--images", "4",
-                           "--batch-size", "2"], expect, output="out.onnx")
+        return Case(name, ["calibrate", model, "-o", "out.onnx", "--calibrate", "images.npy", "--calibration-images", "4",
+                           "--calibration-batch", "2"], expect, output="out.onnx")
     raise ValueError(command)
 
 
@@ -226,7 +226,7 @@ def _file_cases(root: Path) -> list[Case]:
     os.mkfifo(d / "m.onnx")
     cases += [Case("fifo-model", ["inspect", "m.onnx"], BAD_INPUT),
               Case("fifo-model-predict", ["predict", "m.onnx", "-o", "o.onnx"], BAD_INPUT, folder="fifo-model"),
-              Case("fifo-model-calibrate", ["calibrate", "m.onnx", "-o", "o.onnx", "--data", "m.onnx"], BAD_INPUT,
+              Case("fifo-model-calibrate", ["calibrate", "m.onnx", "-o", "o.onnx", "--calibrate", "m.onnx"], BAD_INPUT,
                    folder="fifo-model")]
     d = _folder(root, "dev-zero-link")
     (d / "m.onnx").symlink_to("/dev/zero")
@@ -288,7 +288,7 @@ def _output_cases(root: Path) -> list[Case]:
     try:  # a /dev/null of our own, so a bug would replace only it
         os.mknod(d / "o.onnx", stat.S_IFCHR | 0o666, os.makedev(1, 3))
         cases.append(Case("out-char-device", ["predict", "m.onnx", "-o", "o.onnx"], BAD_INPUT))
-        cases.append(Case("calibrate-out-char-device", ["calibrate", "m.onnx", "-o", "o.onnx", "--data", "m.onnx"],
+        cases.append(Case("calibrate-out-char-device", ["calibrate", "m.onnx", "-o", "o.onnx", "--calibrate", "m.onnx"],
                           BAD_INPUT, folder="out-char-device"))
     except (PermissionError, OSError):
         pass
@@ -321,8 +321,8 @@ def _output_cases(root: Path) -> list[Case]:
     cases.append(Case("inspect-png-fifo", ["inspect", "m.onnx", "--png", "g.png"], BAD_INPUT))
     d = folder("calibrate-out-sys")
     np.save(d / "images.npy", np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
-    cases.append(Case("calibrate-out-sys", ["calibrate", "m.onnx", "-o", "/sys/ghn_onnx_fuzz.onnx", "--data",
-                                            "images.npy", "--images", "4", "--batch-size", "2"], frozenset({1})))
+    cases.append(Case("calibrate-out-sys", ["calibrate", "m.onnx", "-o", "/sys/ghn_onnx_fuzz.onnx", "--calibrate",
+                                            "images.npy", "--calibration-images", "4", "--calibration-batch", "2"], frozenset({1})))
     # A batch with one unreadable input: the good one is written, the bad one reported, exit 2.
     d = folder("batch-one-bad")
     (d / "bad.onnx").write_bytes(b"garbage")
