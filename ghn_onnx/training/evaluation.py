@@ -8,7 +8,7 @@ images, then ordinary inference; what a deployment uses).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -74,16 +74,29 @@ def sgd_curve(net: nn.Module, train: ImageSet, test: ImageSet, checkpoints: Iter
     (e.g. GHN-predicted) when given; accuracy on ``test`` at each step count in ``checkpoints``
     (0 = before training)."""
     torch.manual_seed(seed)
-    net = net.to(device)
     if params:
         with torch.no_grad():
             own = dict(net.named_parameters())
             for k, v in params.items():
                 if k in own:
                     own[k].copy_(v)
+    return train_curve(net, train, test, checkpoints,
+                       lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=3e-4),
+                       batch_size=batch_size, seed=seed, device=device)
+
+
+def train_curve(net: nn.Module, train: ImageSet, test: ImageSet, checkpoints: Iterable[int],
+                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], *, batch_size: int = 64,
+                seed: int = 0, device: str | torch.device = "cpu") -> dict[int, float]:
+    """Train ``net`` in place with the optimiser ``make_optimizer(net.parameters())`` builds, its
+    learning rate on a cosine to 0 at the last checkpoint, gradients clipped to norm 5, batches
+    from ``BatchStream(train, batch_size, seed)``; accuracy on ``test`` at each step count in
+    ``checkpoints`` (0 = before training)."""
+    torch.manual_seed(seed)
+    net = net.to(device)
     marks = sorted(set(checkpoints))
     total = max(marks) if marks else 0
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=3e-4)
+    opt = make_optimizer(net.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1))))
     stream = BatchStream(train, batch_size, seed=seed)
     out: dict[int, float] = {}

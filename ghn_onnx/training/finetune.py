@@ -36,13 +36,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.model import GHN
-from ghn_onnx.training.datasets import BatchStream, ImageSet, normalize, train_val_split
-from ghn_onnx.training.evaluation import accuracy, mean_and_sem, random_subset
+from ghn_onnx.training.datasets import ImageSet, normalize, train_val_split
+from ghn_onnx.training import evaluation
+from ghn_onnx.training.evaluation import mean_and_sem, random_subset
 from ghn_onnx.writeback.for_training import ForTraining, for_training
 
 Log = Callable[[str], None]
@@ -82,28 +82,8 @@ def train_curve(net: nn.Module, train: ImageSet, test: ImageSet, marks: list[int
     schedule); accuracy on ``test`` at each step count in ``marks`` (0 = before training). With
     ``RECIPES["sgd"]`` this is :func:`~ghn_onnx.training.evaluation.sgd_curve` step for step
     (tested)."""
-    torch.manual_seed(seed)
-    net = net.to(device)
-    marks = sorted(set(marks))
-    total = max(marks) if marks else 0
-    opt = recipe.make(net.parameters(), lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1))))
-    stream = BatchStream(train, batch_size, seed=seed)
-    out: dict[int, float] = {}
-    for step in range(total + 1):
-        if step in marks:
-            out[step] = accuracy(net, None, test, device=device)
-        if step == total:
-            break
-        net.train()
-        x, y = stream.next()
-        loss = F.cross_entropy(net(x.to(device)), y.to(device))
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        opt.step()
-        sched.step()
-    return out
+    return evaluation.train_curve(net, train, test, marks, lambda p: recipe.make(p, lr), batch_size=batch_size,
+                                  seed=seed, device=device)
 
 
 def choose_lr(net: nn.Module, train: ImageSet, val: ImageSet, recipe: Recipe, grid: tuple[float, ...], steps: int,
