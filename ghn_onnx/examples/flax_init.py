@@ -27,6 +27,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ghn_onnx.examples.options import example_options
+
 
 def make_model(width: int):
     """The linen CNN: a 3x3 stem, two residual stages (the second at stride 2), mean pool, Dense."""
@@ -111,21 +113,8 @@ def fine_tune(step, tx, variables, train, steps: int, batch_size: int, seed: int
 
 
 @click.command()
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="CIFAR-10 image folder or .zip (train/<class>/, test/<class>/). Default: $GHN_ONNX_DATA, "
-                   "else ../shared/data/cifar10-jpeg.zip.")
-@click.option("--checkpoint", default=None, help="GHN checkpoint file or name. Default: the shipped one.")
+@example_options("Adam", 1e-3, "variables")
 @click.option("--width", type=click.IntRange(1), default=16, show_default=True, help="Channels of the first stage.")
-@click.option("--calibration-images", type=click.IntRange(1), default=256, show_default=True,
-              help="Training images for the BN statistics (both variables).")
-@click.option("--test-images", type=click.IntRange(1), default=1000, show_default=True,
-              help="Random test images to evaluate on.")
-@click.option("--steps", type=click.IntRange(0), default=20, show_default=True, help="Adam steps of fine-tuning.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Fine-tuning batch size.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
-              help="Fine-tuning learning rate.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the default init, the image draws and the batches.")
 def main(data: Path | None, checkpoint: str | None, width: int, calibration_images: int, test_images: int,
          steps: int, batch_size: int, lr: float, seed: int) -> None:
     import jax

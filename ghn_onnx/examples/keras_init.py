@@ -32,6 +32,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ghn_onnx.examples.options import example_options
+
 MODEL_HELP = "A keras.applications constructor that takes input_shape and classes (MobileNetV2, EfficientNetB0...)."
 
 
@@ -82,20 +84,7 @@ def fine_tune(model, images: np.ndarray, labels: np.ndarray, raw: bool, steps: i
 
 @click.command()
 @click.option("--model", "model_name", default="MobileNetV2", show_default=True, help=MODEL_HELP)
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="CIFAR-10 image folder or .zip (train/<class>/, test/<class>/). Default: $GHN_ONNX_DATA, "
-                   "else ../shared/data/cifar10-jpeg.zip.")
-@click.option("--checkpoint", default=None, help="GHN checkpoint file or name. Default: the shipped one.")
-@click.option("--calibration-images", type=click.IntRange(1), default=256, show_default=True,
-              help="Training images for the BN statistics (both models).")
-@click.option("--test-images", type=click.IntRange(1), default=1000, show_default=True,
-              help="Random test images to evaluate on.")
-@click.option("--steps", type=click.IntRange(0), default=20, show_default=True, help="SGD steps of fine-tuning.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Fine-tuning batch size.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True,
-              help="Fine-tuning learning rate.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the default init, the image draws and the batches.")
+@example_options("SGD", 0.01)
 def main(model_name: str, data: Path | None, checkpoint: str | None, calibration_images: int, test_images: int,
          steps: int, batch_size: int, lr: float, seed: int) -> None:
     os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is first imported
