@@ -136,11 +136,7 @@ def load_calibration_data(path: str | os.PathLike, input_shape: Sequence, n: int
         ``(n, *input_shape[-3:])`` float32.
     """
     c, h, w = _chw(input_shape, layout)
-    path = Path(path)
-    if not path.exists():
-        raise GhnOnnxError(f"{path}: no such calibration data")
-    if not path.is_dir():  # a FIFO or a device would block or never end
-        regular_file_stat(path, GhnOnnxError, "calibration images: a folder, .zip, .npy or .npz")
+    path = image_source(path, "calibration")
     rng = np.random.default_rng(seed)
     if path.suffix.lower() in (".npy", ".npz"):
         arr = _load_array(path)
@@ -165,6 +161,19 @@ def load_calibration_data(path: str | os.PathLike, input_shape: Sequence, n: int
     else:
         raise GhnOnnxError(f"{path}: expected a .npy / .npz file, an image folder or a .zip of images")
     return _normalise(images, scale, layout)
+
+
+def image_source(path: str | os.PathLike, purpose: str | None = None) -> Path:
+    """``path`` as a ``Path``, refused in one line unless it exists and is a folder or a regular
+    file (a FIFO or a device would block the reader or never end). ``purpose`` (e.g.
+    ``"calibration"``) names the data in the messages."""
+    path = Path(path)
+    if not path.exists():
+        raise GhnOnnxError(f"{path}: no such {purpose or 'image'} data")
+    if not path.is_dir():
+        what = f"{purpose} images" if purpose else "images"
+        regular_file_stat(path, GhnOnnxError, f"{what}: a folder, .zip, .npy or .npz")
+    return path
 
 
 def calibration_set(model: onnx.ModelProto, path: str | os.PathLike, n: int, batch_size: int = 64, seed: int = 0,

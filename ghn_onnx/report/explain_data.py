@@ -23,7 +23,6 @@ import onnx
 
 from ghn_onnx.bn import images as calib  # the decoding and normalisation rules, one definition
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.onnx_io.files import regular_file_stat
 
 LABEL_KEYS = ("y", "labels")
 
@@ -85,11 +84,7 @@ def labelled_images(model: onnx.ModelProto, path: str | os.PathLike, n: int, bat
         n -= n % batch_size
     scale = calib._normalisation(spec.channels, calib.CIFAR10_MEAN if mean is None else mean,
                                  calib.CIFAR10_STD if std is None else std, not no_normalize)
-    path = Path(path)
-    if not path.exists():
-        raise GhnOnnxError(f"{path}: no such image data")
-    if not path.is_dir():  # a FIFO or a device would block or never end
-        regular_file_stat(path, GhnOnnxError, "images: a folder, .zip, .npy or .npz")
+    path = calib.image_source(path)
     rng = np.random.default_rng(seed)
     c, h, w = spec.channels, spec.height, spec.width
     if path.suffix.lower() in (".npy", ".npz"):
