@@ -41,9 +41,9 @@ from typing import Mapping
 import numpy as np
 
 from ghn_onnx.errors import GhnOnnxError
-from ghn_onnx.ghn.decode.rules import classifier_nodes, is_weight
+from ghn_onnx.ghn.decode.rules import classifier_nodes
 from ghn_onnx.graph.graph import Graph
-from ghn_onnx.graph.primitives import Primitive
+from ghn_onnx.graph.primitives import WEIGHT_PRIMITIVES
 
 METADATA_KEY = "for_training"
 
@@ -120,8 +120,7 @@ def for_training(graph: Graph, predictions: Mapping[str, np.ndarray],
     ``graph``) post-processed by ``options``; the input arrays are not modified."""
     out = dict(predictions)
     cls_w, _ = classifier_nodes(graph)
-    weights = [i for i, n in enumerate(graph.nodes)
-               if is_weight(n) and n.primitive is not Primitive.POS_ENC and i != cls_w]
+    weights = [i for i, n in enumerate(graph.nodes) if n.primitive in WEIGHT_PRIMITIVES and i != cls_w]
     ortho_start = None if options.orthogonal_from is None else options.orthogonal_from * len(weights)
     noised_tensors = noised_rows = orthogonalised = 0
     for depth, i in enumerate(weights):
@@ -137,7 +136,8 @@ def for_training(graph: Graph, predictions: Mapping[str, np.ndarray],
                 rng = np.random.default_rng([options.seed, zlib.crc32(ref.tensor.encode())])
                 value = value.copy() if value is predictions.get(ref.tensor) else value
                 scale = options.noise * float(value.std())
-                value[rows] += rng.standard_normal((len(rows), *value.shape[1:]), dtype=np.float32).astype(value.dtype) * scale
+                noise = rng.standard_normal((len(rows), *value.shape[1:]), dtype=np.float32)
+                value[rows] += noise.astype(value.dtype) * scale
                 noised_tensors += 1
                 noised_rows += len(rows)
             out[ref.tensor] = value
