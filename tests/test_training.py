@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ghn_onnx.errors import CheckpointError, GhnOnnxError
+from ghn_onnx.ghn import checkpoint
 from ghn_onnx.training.datasets import CLASSES, BatchStream, ImageSet, augment, load_cifar10, train_val_split
 from ghn_onnx.training.generator import ArchPool, TrainingStream, export_onnx
 from ghn_onnx.training.ops import ChannelSE, Transformer
@@ -156,6 +157,30 @@ def test_training_steps_change_the_ghn_and_resume_exactly(tmp_path, one_thread, 
     logs = [(tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("a", "b")]
     assert len(logs[1]) == 4
     assert [json.loads(x)["loss"] for x in logs[0]] == [json.loads(x)["loss"] for x in logs[1]]
+
+
+def test_best_validated_weights_are_kept_across_a_resume(tmp_path):
+    """best.safetensors holds the weights of the best validation, not the latest; a resume keeps
+    the record, so a later, worse validation does not replace them."""
+    scores = iter([0.2, 0.3, 0.25, 0.28])
+    weights = {}
+
+    def evaluate(trainer):
+        weights[trainer.step] = {k: v.clone() for k, v in trainer.ghn.state_dict().items()}
+        return {"val_acc": next(scores), "val_sem": 0.01}
+
+    _trainer(tmp_path, 4, eval_every=1).fit(evaluate=evaluate, progress=False)  # 0.2, 0.3, 0.25, 0.28
+    best = checkpoint.load(tmp_path / "best.safetensors")
+    assert all(torch.equal(v, weights[2][k]) for k, v in best.state_dict().items())
+    assert not all(torch.equal(v, weights[4][k]) for k, v in best.state_dict().items())
+    assert json.loads((tmp_path / "trainer.json").read_text())["best"] == {"step": 2, "val_acc": 0.3, "val_sem": 0.01}
+
+    scores = iter([0.29, 0.31])
+    resumed = _resumed(tmp_path, 6, eval_every=1)
+    resumed.fit(evaluate=evaluate, progress=False)  # 0.29 is below the recorded 0.3: kept; 0.31 wins
+    assert resumed.best["step"] == 6
+    best = checkpoint.load(tmp_path / "best.safetensors")
+    assert all(torch.equal(v, weights[6][k]) for k, v in best.state_dict().items())
 
 
 def test_a_parameter_the_ghn_does_not_predict_is_an_error(tmp_path):

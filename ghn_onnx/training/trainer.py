@@ -15,7 +15,8 @@ index)``, so it does not depend on how networks were built, on the number of ran
 Everything needed to resume exactly is in the checkpoint folder: ``ghn.safetensors`` (the model,
 loadable on its own), ``trainer.safetensors`` (optimizer moments, the torch RNG state) and
 ``trainer.json`` (step, counters of the data and architecture streams, GradScaler state, wall
-time, configuration, and the configuration changes made at resumes). The data stream and the
+time, configuration, the configuration changes made at resumes, and the best validation so far).
+With periodic validation, ``best.safetensors`` holds the weights that validated best. The data stream and the
 architecture source use generators seeded from their counters; numpy's and Python's global RNGs
 are not used.
 """
@@ -299,6 +300,8 @@ class Trainer:
         self.step = 0
         self.counters = {"images": 0, "networks": 0, "wall_seconds": 0.0}
         self.changes: list[dict[str, Any]] = []  # configuration changes made at resumes
+        # The best validation so far and its step; its weights are best.safetensors (see fit).
+        self.best: dict[str, Any] | None = None
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -403,10 +406,25 @@ class Trainer:
                     if on_log:
                         on_log(rec)
             if evaluate and cfg.eval_every and self.step % cfg.eval_every == 0 and self.rank == 0:
-                self._append("val.jsonl", {"step": self.step, **self.counters, **evaluate(self)})
+                result = evaluate(self)
+                self._append("val.jsonl", {"step": self.step, **self.counters, **result})
+                self._keep_best(result)
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+
+    def _keep_best(self, result: dict) -> None:
+        """Keep the weights of the best validation so far as ``best.safetensors``: at a high
+        learning rate the validation moves by points between neighbouring checkpoints, and the
+        latest weights (``ghn.safetensors``) need not be the best ones."""
+        acc = result.get("val_acc")
+        if acc is None or (self.best is not None and acc <= self.best["val_acc"]):
+            return
+        self.best = {"step": self.step, "val_acc": acc, "val_sem": result.get("val_sem")}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(self.ghn, self.out_dir / "best.safetensors",
+                        extra={"trained_steps": str(self.step), "images_seen": str(self.counters["images"]),
+                               "val_acc": f"{acc:.6f}"})
 
     def _append(self, name: str, rec: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -435,7 +453,7 @@ class Trainer:
         state = {"step": self.step, "counters": self.counters, "data": self.data.state(),
                  "data_size": len(self.data.data), "nets": self.nets.state(),
                  "config": dataclasses.asdict(self.cfg), "precision": self.precision, "world": self.world,
-                 "scaler": self.scaler.state_dict(), "changes": self.changes}
+                 "scaler": self.scaler.state_dict(), "changes": self.changes, "best": self.best}
         tmp = self.out_dir / "trainer.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.out_dir / "trainer.json")
@@ -485,6 +503,7 @@ class Trainer:
         self.step = int(state["step"])
         self.counters = state["counters"]
         self.data = BatchStream(self.data.data, self.cfg.batch_size, seed=self.cfg.seed, **state["data"])
+        self.best = state.get("best")
         self.changes = list(state.get("changes", [])) + ([{"step": self.step, **changes}] if changes else [])
         return state
 
