@@ -641,6 +641,8 @@ def checkpoints_command(as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the architecture and data streams.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Append a record to log.jsonl every N steps.")
 @click.option("--eval-every", type=int, default=0, show_default=True,
               help="Validate every N steps on held-out networks and images (0: never).")
 @click.option("--val-nets", type=int, default=20, show_default=True, help="Validation networks.")
@@ -660,7 +662,7 @@ def checkpoints_command(as_json: bool) -> None:
                    "every parameter).")
 @threads_option
 def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup, clip, seed, device,
-          save_every, eval_every, val_nets, val_images, resume, init, precision, channels_last, fast_ops,
+          save_every, log_every, eval_every, val_nets, val_images, resume, init, precision, channels_last, fast_ops,
           meta_nets) -> None:
     """Train a GHN-2 on CIFAR-10 over random DeepNets-like architectures.
 
@@ -673,7 +675,8 @@ def train(out_dir, data, steps, meta_batch, batch_size, lr, weight_decay, warmup
     from ghn_onnx.training.trainer import TrainConfig, resolve_precision
 
     cfg = TrainConfig(steps=steps, meta_batch=meta_batch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      warmup_steps=warmup, grad_clip=clip, seed=seed, save_every=save_every, eval_every=eval_every,
+                      warmup_steps=warmup, grad_clip=clip, seed=seed, save_every=save_every, log_every=log_every,
+                      eval_every=eval_every,
                       precision=precision, channels_last=channels_last, fast_ops=fast_ops, meta_nets=meta_nets)
     try:
         resolve_precision(precision, torch.device(device))
