@@ -12,6 +12,10 @@ parity fixtures ``resnet18.onnx`` / ``mobilenet_v2.onnx`` contain):
 - EfficientNet-B0 (no reference adjustment; the same rule, to the ResNets' 8x): every convolution
   in ``features[:3]`` gets stride 1: the stem (``features.0``) and the depthwise conv of the first
   stride-2 block (``features.2``). Strides 2 remain at ``features.3``, ``.4`` and ``.6``: 32 → 4.
+- ViT-Tiny (``vit_tiny``): torchvision's ``VisionTransformer`` with DeiT-Tiny's dimensions (12
+  layers, 3 heads, width 192, MLP 768) and 4x4 patches, so a 32x32 image is 64 tokens plus the
+  class token (at 224 px with 16x16 patches it is 196: the same order). torchvision has no
+  preset of this size; the patch size is the usual choice for ViTs trained on CIFAR.
 
 Every model has a 10-class head and PyTorch's / torchvision's default initialisation.
 """
@@ -75,6 +79,13 @@ def _cifar_efficientnet_b0(num_classes: int = 10) -> nn.Module:
     return net
 
 
+def _cifar_vit_tiny(num_classes: int = 10) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=12, num_heads=3,
+                                                hidden_dim=192, mlp_dim=768, num_classes=num_classes)
+
+
 def _registry() -> dict[str, Callable[[int], nn.Module]]:
     try:
         import torchvision
@@ -85,11 +96,12 @@ def _registry() -> dict[str, Callable[[int], nn.Module]]:
         "resnet50": _cifar_resnet(torchvision.models.resnet50),
         "mobilenet_v2": _cifar_mobilenet_v2,
         "efficientnet_b0": _cifar_efficientnet_b0,
+        "vit_tiny": _cifar_vit_tiny,
     }
 
 
 #: The torchvision models the evaluation knows (registry keys).
-TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
+TORCHVISION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_tiny")
 
 
 def cifar_model(name: str, num_classes: int = 10, seed: int | None = None) -> nn.Module:
