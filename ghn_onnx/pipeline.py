@@ -42,7 +42,7 @@ from ghn_onnx.ghn.decode.rules import classifier_head
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
-from ghn_onnx.onnx_io.loading import load_model
+from ghn_onnx.onnx_io.loading import load_model, read_model
 from ghn_onnx.onnx_io.storage import untie_aliases
 from ghn_onnx.writeback.for_training import ForTraining, for_training
 from ghn_onnx.writeback.unfold import fold_back, folded_convs, is_virtual, unfolded_graph, with_explicit_bn
@@ -227,11 +227,14 @@ def _options(options: PredictOptions | None, overrides: dict) -> PredictOptions:
 
 # -- prediction ----------------------------------------------------------------------------------
 
-def prepare(model: onnx.ModelProto, name: str, rules: str = "ghn2") -> tuple[onnx.ModelProto, Graph]:
+def prepare(model: onnx.ModelProto, name: str, rules: str = "ghn2", validated: bool = False
+            ) -> tuple[onnx.ModelProto, Graph]:
     """Untie exporter aliases and convert with the rule set ``rules`` (the GHN configuration's):
-    the model the predictions are written into, and its graph."""
+    the model the predictions are written into, and its graph. ``validated``: ``model`` comes
+    from :func:`~ghn_onnx.onnx_io.loading.load_model`, which validated it (untying adds only
+    copies of its initializers under new names), so conversion need not walk it again."""
     model, _ = untie_aliases(model)
-    return model, convert(model, name=name, rules=rules)
+    return model, convert(model, name=name, rules=rules, validated=validated)
 
 
 def bn_status(graph: Graph) -> str:
@@ -455,34 +458,35 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
     loaded = []
     for src, dst in zip(inputs, outputs):  # every file is read before any is converted, as one batch
         try:
-            loaded.append((src, dst, load_model(src)))
+            loaded.append((src, dst, *read_model(src)))
         except GhnOnnxError as exc:
             if on_error is None:
                 raise
             on_error(src, exc)
     jobs, prepared = [], []
-    for src, dst, model in loaded:
+    for src, dst, model, data_files in loaded:
         try:
-            prepared.append(prepare(model, Path(src).name, ghn.config.rules))
-            jobs.append((src, dst))
+            prepared.append(prepare(model, Path(src).name, ghn.config.rules, validated=True))
+            jobs.append((src, dst, data_files))
         except GhnOnnxError as exc:
             if on_error is None:
                 raise
             on_error(src, exc)
     del loaded
-    preds = _predict_prepared(prepared, ghn, [Path(src).name for src, _ in jobs], options, metadata)
+    preds = _predict_prepared(prepared, ghn, [Path(src).name for src, _, _ in jobs], options, metadata)
     share = (time.perf_counter() - t0) / max(len(preds), 1)
     written = []
-    for (pred, held), (src, dst) in progress(list(zip(preds, jobs))):
+    for (pred, held), (src, dst, data_files) in progress(list(zip(preds, jobs))):
         t1 = time.perf_counter()
         try:
             if held is not None and options.calibrate is None:  # written without re-serialising
-                save_predicted(held, dst, source_path=src, reserialize=options.reserialize, fill=return_models)
+                save_predicted(held, dst, source_path=src, source_data_files=data_files,
+                               reserialize=options.reserialize, fill=return_models)
             else:
                 if held is not None:
                     held.fill()
                 _calibrate(pred, options)
-                save_model(pred.model, dst, source_path=src)
+                save_model(pred.model, dst, source_path=src, source_data_files=data_files)
         except GhnOnnxError as exc:
             if on_error is None:
                 raise

@@ -157,6 +157,27 @@ def test_interrupted_raw_write_leaves_the_old_output(ghn, tmp_path, spliced, mon
         predict_files([src], [src], ghn)
 
 
+def test_predict_files_refuses_the_data_files_it_read(ghn, tmp_path):
+    """``predict_files`` hands the writer the data files ``read_model`` read (no second pass over
+    the source): an output that is one of them, by name or by a symbolic link, is still refused (onnx
+    itself refuses to read a data file with several hard links)."""
+    from ghn_onnx.onnx_io.loading import read_model
+
+    model = onnx.load(str(FIXTURES[0]))
+    src, data = tmp_path / "in.onnx", tmp_path / "in.onnx.data"
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(src),
+                    save_as_external_data=True, location="in.onnx.data", size_threshold=1024)
+    assert read_model(src)[1] == (data,)
+    assert read_model(tmp_path.parent / tmp_path.name / "in.onnx")[1] == (data,)
+    os.symlink(data, tmp_path / "linked.onnx")
+    digests = {p: p.read_bytes() for p in (src, data)}
+    for out in (data, tmp_path / "linked.onnx"):
+        with pytest.raises(GhnOnnxError, match="refusing to overwrite the input"):
+            predict_files([src], [out], ghn)
+    assert {p: p.read_bytes() for p in digests} == digests
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "linked.onnx"]
+
+
 def test_file_to_file_benchmark_reports_both_routes_and_the_copy():
     from ghn_onnx.benchmarks.file_to_file import bench_file_to_file, format_result
 

@@ -53,7 +53,7 @@ def copy_file(src: Path, dst: Path, durable: bool = False) -> None:
 
 def _stages(path: Path, out: Path, ghn) -> dict[str, float]:
     """The spliced route of ``predict_files``, stage by stage (seconds)."""
-    from ghn_onnx.onnx_io.loading import load_model
+    from ghn_onnx.onnx_io.loading import read_model
     from ghn_onnx.pipeline import predict_graphs, prepare
     from ghn_onnx.writeback.write import predicted_model, resolve_shared, save_predicted
 
@@ -64,9 +64,9 @@ def _stages(path: Path, out: Path, ghn) -> dict[str, float]:
         now = time.perf_counter()
         times[name], t0 = now - t0, now
 
-    model = load_model(path)
+    model, data_files = read_model(path)
     lap("load")
-    model, graph = prepare(model, path.name, ghn.config.rules)
+    model, graph = prepare(model, path.name, ghn.config.rules, validated=True)
     lap("prepare")
     pred = predict_graphs(ghn, [graph])[0]
     lap("ghn")
@@ -74,7 +74,7 @@ def _stages(path: Path, out: Path, ghn) -> dict[str, float]:
     pred = {k: v for k, v in pred.items() if k in owners}
     held = predicted_model(model, graph, pred, metadata={"bn": "uncalibrated"})
     lap("predicted_model")
-    save_predicted(held, out, source_path=path)
+    save_predicted(held, out, source_path=path, source_data_files=data_files)
     lap("save_predicted")
     again = predicted_model(model, graph, pred, metadata={"bn": "uncalibrated"})
     t0 = time.perf_counter()

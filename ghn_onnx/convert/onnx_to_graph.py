@@ -44,7 +44,7 @@ def convert_file(path: str | os.PathLike, rules: str = "ghn2") -> Graph:
     return convert(model, name=Path(path).name, rules=rules)
 
 
-def convert(model: onnx.ModelProto, name: str = "model", rules: str = "ghn2") -> Graph:
+def convert(model: onnx.ModelProto, name: str = "model", rules: str = "ghn2", validated: bool = False) -> Graph:
     """Build the GHN graph of ``model``, read with the rule set ``rules``
     (:data:`~ghn_onnx.convert.rules.RULE_SETS`: ``"ghn2"`` or ``"ghn3"``, the GHN
     configuration's ``rules``).
@@ -54,8 +54,12 @@ def convert(model: onnx.ModelProto, name: str = "model", rules: str = "ghn2") ->
             two producers of a tensor, bad UTF-8, declared sizes over the budget): models built
             in memory are checked here as files are on load.
         UnsupportedModelError: quantized weights, control flow, or no parametrised layer at all.
+
+    ``validated=True`` skips that check for a model :func:`~ghn_onnx.onnx_io.loading.load_model`
+    returned (it ran the same check, and more), or one derived from it by adding initializers.
     """
-    validate_model(model, name, check_data=False)
+    if not validated:
+        validate_model(model, name, check_data=False)
     reading = rule_set(rules)
     check_supported(model, name)
     ctx = ConversionContext(model)

@@ -87,6 +87,16 @@ def load_model(path: str | os.PathLike, max_elements: int | None = None) -> onnx
     The file is only read, never written. ``max_elements``: the element budget
     (default :func:`element_budget`). See the module docstring for what is checked.
     """
+    return read_model(path, max_elements)[0]
+
+
+def read_model(path: str | os.PathLike, max_elements: int | None = None) -> tuple[onnx.ModelProto, tuple[Path, ...]]:
+    """:func:`load_model`, and the external data files it read (sorted, no repeats).
+
+    Why: onnx forgets where external tensors came from once they are loaded, and a writer
+    must not replace the source's data files; without this list it has to find them by reading
+    the source again (for a 94 MB ResNet-50, 50 ms of a 320 ms file to file).
+    """
     path = Path(path)
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
     cap = min(MAX_MODEL_BYTES, max(memory_available() // PARSE_MEMORY_FACTOR, 1 << 20))
@@ -107,8 +117,7 @@ def load_model(path: str | os.PathLike, max_elements: int | None = None) -> onnx
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes; truncated or another format?)")
     validate_model(model, str(path), max_elements=max_elements)
     _check_node_inputs(model, path)
-    _load_external_data(model, path)
-    return model
+    return model, _load_external_data(model, path)
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -370,15 +379,17 @@ def _check_node_inputs(model: onnx.ModelProto, path: Path) -> None:
                                  f"{len(node.output)} output(s), the spec requires at least {schema.min_output})")
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
     """Load every external tensor, each file checked (a regular file next to the model, long
-    enough) and each read bounded to the bytes its dims need before anything is read."""
+    enough) and each read bounded to the bytes its dims need before anything is read; the
+    files read."""
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     external = [(t, what) for t, what in stored_tensor_protos(model) if uses_external_data(t)]
     if not external:
-        return
+        return ()
     base = path.parent
+    files: set[Path] = set()
     for t, _ in external:
         entries = {e.key: e.value for e in t.external_data}
         location = entries.get("location")
@@ -407,6 +418,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         except ValueError:
             raise ModelLoadError(f"{path}: external data of {t.name!r} has a non-numeric offset or length") from None
         size = regular_file_stat(base / location, ModelLoadError, "an external data file").st_size
+        files.add(base / location)
         need = length if length is not None else expected
         if need is not None and (offset < 0 or need < 0 or offset + need > size):
             raise ModelLoadError(f"{path}: external data for {t.name!r} is truncated ({location!r} has "
@@ -424,6 +436,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if expected is not None and len(t.raw_data) and len(t.raw_data) != expected:
             raise ModelLoadError(f"{path}: external data for {t.name!r} is truncated "
                                  f"({len(t.raw_data)} of {expected} bytes)")
+    return tuple(sorted(files))
 
 
 def check_supported(model: onnx.ModelProto, name: str = "model") -> None:

@@ -216,7 +216,8 @@ def _set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
 # -- saving ------------------------------------------------------------------------------------
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
-               source_path: str | os.PathLike | None = None) -> Path:
+               source_path: str | os.PathLike | None = None,
+               source_data_files: Sequence[str | os.PathLike] | None = None) -> Path:
     """Write ``model`` to ``path`` atomically: to a temporary file in the same directory, then
     ``os.replace``. An interrupted write leaves no partial file and any older ``path`` intact.
 
@@ -230,6 +231,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             ``None`` (default): only if the model would exceed protobuf's 2 GB limit.
         source_path: the file ``model`` was read from; writing over it or over its external data
             files, under any name (symbolic or hard links included), is refused.
+        source_data_files: those external data files, where the caller knows them (the second
+            value of :func:`~ghn_onnx.onnx_io.loading.read_model`); ``None``: found by reading
+            ``source_path`` when the output exists.
 
     Returns:
         the output path. With external data the pair is replaced atomically: the data file
@@ -243,7 +247,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         GhnOnnxError: an output path that may not be written (see above).
         OutputError: the file system refused the write (permissions, read-only, full).
     """
-    out, protected = _checked_output(path, source_path)
+    out, protected = _checked_output(path, source_path, source_data_files)
     _refuse_unloaded_external_data(model)
     serialized = None
     if external_data is None:
@@ -256,8 +260,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
 
 
 def save_predicted(pred: PredictedModel, path: str | os.PathLike, *, source_path: str | os.PathLike | None = None,
-                   reserialize: bool = False, fill: bool = True) -> Path:
-    """``save_model(pred.fill(), path, source_path=source_path)``: the same file, checks, errors
+                   source_data_files: Sequence[str | os.PathLike] | None = None, reserialize: bool = False,
+                   fill: bool = True) -> Path:
+    """``save_model(pred.fill(), path, source_path=..., source_data_files=...)``: the same file, checks, errors
     and atomic write, but without serialising the predicted tensors where that is possible
     (:mod:`ghn_onnx.writeback.raw`): every predicted tensor is an initializer of the main graph
     whose values have its dims and dtype, the host is little-endian, and the file stays under
@@ -267,8 +272,8 @@ def save_predicted(pred: PredictedModel, path: str | os.PathLike, *, source_path
     """
     pieces = None if reserialize else _raw_pieces(pred)
     if pieces is None:
-        return save_model(pred.fill(), path, source_path=source_path)
-    out, protected = _checked_output(path, source_path)
+        return save_model(pred.fill(), path, source_path=source_path, source_data_files=source_data_files)
+    out, protected = _checked_output(path, source_path, source_data_files)
     try:
         _save(pred.model, out, pieces, False, protected)
     except OSError as exc:
@@ -307,11 +312,14 @@ def _raw_pieces(pred: PredictedModel) -> list[bytes | memoryview] | None:
     return pieces
 
 
-def _checked_output(path: str | os.PathLike, source_path: str | os.PathLike | None) -> tuple[Path, list[Path]]:
+def _checked_output(path: str | os.PathLike, source_path: str | os.PathLike | None,
+                    source_data_files: Sequence[str | os.PathLike] | None = None) -> tuple[Path, list[Path]]:
     """The output path, checked (see :func:`save_model`), and the input files it must not be."""
     out = Path(path)
     protected = [] if source_path is None else [Path(source_path)]
-    if protected and os.path.lexists(out):  # only an existing file can be one of the source's data files
+    if source_data_files is not None:
+        protected += [Path(f) for f in source_data_files]
+    elif protected and os.path.lexists(out):  # only an existing file can be one of the source's data files
         protected += _external_data_files(protected[0])
     check_output_file(out, protected)
     return out, protected
