@@ -18,7 +18,8 @@ file.
   process that imports the package once): a process forked from one that has run an OpenMP
   region (any multi-threaded torch op) hangs in its first one (GNU libgomp is not fork-safe).
   ``ghn-onnx predict`` has run no op when it starts its workers, so it forks them directly
-  (``start_method="fork"``) and they share its imports instead of paying for them again.
+  (``start_method="fork"``) and they share its imports, and numba's registries built just before
+  the fork, instead of paying for them again.
 * **Errors**: a file that cannot be read, converted, calibrated or written is reported
   (:class:`FileResult` with its one-line error) and the others go on.
 """
@@ -169,6 +170,25 @@ def _predict_group(pairs: Sequence[tuple[str, str]], ghn, options) -> list[FileR
 _worker: dict = {}  # a worker process's GHN and options (set by _init_worker)
 
 
+def _load_numba_registries() -> None:
+    """Build numba's typing and lowering registries now, in the process the workers fork from.
+
+    Why: a worker's first prediction spent ~0.3 s of its ~0.5 s start-up importing and
+    installing them (the first load of a cached compiled loop does it), once per worker. Building
+    them is plain Python and starts no threads, so forked workers inherit them. Loading the
+    compiled loops themselves here would be faster still, but it starts numba's OpenMP layer,
+    and a process forked after that aborts in its first parallel loop ("fork() called from a
+    process already using GNU OpenMP"). Only an optimisation: a numba without this internal API
+    leaves each worker to build them itself."""
+    try:
+        from numba.core.registry import cpu_target
+
+        cpu_target.typing_context.refresh()
+        cpu_target.target_context.refresh()
+    except Exception:  # noqa: BLE001 - an internal API; the workers then build them as before
+        pass
+
+
 def _init_worker(checkpoint: str, device: str, threads: int, fields: dict) -> None:
     from ghn_onnx.pipeline import PredictOptions, load_ghn
     from ghn_onnx.threads import set_threads
@@ -250,6 +270,8 @@ def predict_many(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os
     context = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload(["ghn_onnx.pipeline"])  # imported once, in the server
+    elif method == "fork":
+        _load_numba_registries()
     with context.Pool(
             jobs, initializer=_init_worker, initargs=(str(checkpoint), options.device or "cpu", threads, _fields(options))
     ) as pool:

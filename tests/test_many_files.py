@@ -129,6 +129,20 @@ def test_folder_with_a_bad_file_mirrors_the_others_reports_it_and_exits_2(tree, 
     assert [(out1 / w).read_bytes() for w in written] == [(out2 / w).read_bytes() for w in written]
 
 
+def test_workers_fork_after_numba_registries_but_before_its_threads(tree, tmp_path):
+    """``predict --jobs`` builds numba's registries before forking (the workers' start-up) but must
+    not start numba's OpenMP layer: numba aborts every parallel loop of a process forked after
+    that ("fork() called from a process already using GNU OpenMP")."""
+    code = ("from ghn_onnx.many_files import _load_numba_registries; _load_numba_registries(); "
+            "import numba.np.ufunc.parallel as p; from numba.core.registry import cpu_target; "
+            "print(p._is_initialized, len(cpu_target.target_context._registries) > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.split() == ["False", "True"], out.stderr
+    r = run_cli(str(tree / "a"), "-O", str(tmp_path / "o"), "--json", "--jobs", "2", threads=4)
+    assert r.returncode == 0 and "fork()" not in r.stderr, r.stderr
+    assert [s["status"] for s in json.loads(r.stdout)] == ["ok", "ok"]
+
+
 def test_o_takes_one_file_and_a_pattern_matching_none_is_an_error(tree, tmp_path):
     res = CliRunner().invoke(main, ["predict", str(tree / "a"), "-o", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and res.output.count("\n") == 1
