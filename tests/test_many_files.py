@@ -79,10 +79,22 @@ def test_batches_fit_the_budget_and_the_file_cap(tmp_path):
         f.write_bytes(b"x" * size)
         files.append(f)
     assert batches(files, jobs=1, budget=250, max_files=10) == [[0, 1], [2], [3], [4]]
-    assert batches(files, jobs=2, budget=500, max_files=10) == [[0, 1], [2], [3], [4]]  # 250 each
+    # 250 each, and with two workers a quarter of a worker's half of the 1,310 elements: 163
+    assert batches(files, jobs=2, budget=500, max_files=10) == [[0], [1], [2], [3], [4]]
     assert batches(files, jobs=1, budget=10**9, max_files=2) == [[0, 1], [2, 3], [4]]
     assert batches(files, jobs=1, budget=10**9) == [[0, 1], [2, 3], [4]]  # about 4 groups per worker
     assert batches(files, jobs=2, budget=10**9) == [[0], [1], [2], [3], [4]]
+
+
+def test_batches_for_several_workers_split_a_run_of_large_files(tmp_path):
+    """Folders are sorted by name: large files in one group would keep one worker busy alone."""
+    files = []
+    for i, size in enumerate([40, 40, 40, 40, 4000, 4000, 4000]):
+        f = tmp_path / f"{i}.onnx"
+        f.write_bytes(b"x" * size)
+        files.append(f)
+    assert batches(files, jobs=1, budget=10**9, max_files=10) == [[0, 1, 2, 3, 4, 5, 6]]
+    assert batches(files, jobs=2, budget=10**9, max_files=10) == [[0, 1, 2, 3], [4], [5], [6]]
 
 
 def test_predict_many_in_tiny_batches_matches_one_batch(tree, tmp_path):

@@ -1,11 +1,14 @@
 """Many files and start-up (issue 15): ``ghn-onnx predict FOLDER -O OUT --jobs N`` as whole
 processes, and what threads would give instead of processes.
 
-    python -m ghn_onnx.benchmarks.many_files [--files 50] [--model F.onnx] [--jobs 1,2] [--repeats 3] [--startup] [--json F]
+    python -m ghn_onnx.benchmarks.many_files [--files 50] [--model F.onnx | --generated] [--jobs 1,2] [--repeats 3] [--startup] [--json F]
 
 * **Folder** (``repeats`` rounds): ``files`` exports (the committed framework fixtures of
   ``tests/fixtures/frameworks``: PyTorch TorchScript and dynamo, Keras, Flax; CNNs, ViTs, mixed
-  zoos; copied round-robin into sub-folders; or ``files`` copies of ``--model``) predicted by ``ghn-onnx predict DIR -O OUT --jobs N``
+  zoos; copied round-robin into sub-folders; or ``files`` copies of ``--model``; or, with
+  ``--generated``, ``files`` different held-out generated architectures, the evaluation sets'
+  first ones taken in turn from ``test``, ``wide``, ``deep``, ``dense`` and ``bnfree``, exported
+  at their evaluation widths) predicted by ``ghn-onnx predict DIR -O OUT --jobs N``
   in a new interpreter for each ``N``, and ``ghn-onnx predict ONE.onnx -O OUT`` (one file: the
   start-up); within a round the cases run in turn, so background load hits all of them; medians.
   Files per second are reported whole (``files / T``) and past start-up
@@ -34,6 +37,28 @@ from typing import Callable
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "frameworks"
 CLI = [sys.executable, "-m", "ghn_onnx.cli"]
+
+
+def make_generated_folder(folder: Path, files: int) -> list[Path]:
+    """``files`` held-out generated architectures as ONNX files, ``folder/<split>/<i>.onnx``
+    (see the module docstring)."""
+    import onnx
+
+    from ghn_onnx.training.generator import EVAL_SIZES, arch_onnx, eval_specs, eval_width
+
+    splits = ("test", "wide", "deep", "dense", "bnfree")
+    per = -(-files // len(splits))
+    if per > min(EVAL_SIZES[s] for s in splits):
+        raise ValueError(f"Expected at most {len(splits) * min(EVAL_SIZES[s] for s in splits)} generated files")
+    specs = {s: eval_specs(s, per) for s in splits}
+    made: list[Path] = []
+    for i in range(files):
+        split = splits[i % len(splits)]
+        path = folder / split / f"{i // len(splits):03d}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(arch_onnx(specs[split][i // len(splits)], *eval_width(split)), str(path))
+        made.append(path)
+    return made
 
 
 def make_folder(folder: Path, files: int, model: Path | None = None) -> list[Path]:
@@ -74,10 +99,16 @@ def _rounds(cases: dict[str, Callable[[], float]], rounds: int, log: Callable[[s
 
 
 def bench_folder(files: int = 50, jobs: tuple[int, ...] = (1, 2), repeats: int = 3,
-                 log: Callable[[str], None] = lambda m: None, model: Path | None = None) -> dict:
+                 log: Callable[[str], None] = lambda m: None, model: Path | None = None,
+                 generated: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        made = make_folder(tmp / "in", files, model)
+        if generated:
+            log(f"exporting {files} generated architectures")
+            made = make_generated_folder(tmp / "in", files)
+        else:
+            made = make_folder(tmp / "in", files, model)
+        total_bytes = sum(p.stat().st_size for p in made)
         one = tmp / "one" / made[0].name
         one.parent.mkdir()
         shutil.copy(made[0], one)
@@ -103,7 +134,10 @@ def bench_folder(files: int = 50, jobs: tuple[int, ...] = (1, 2), repeats: int =
         past = base["files_per_s_past_startup"]
         r["speedup_past_startup"] = (r["files_per_s_past_startup"] / past
                                      if past and r["files_per_s_past_startup"] else None)
-    return {"files": files, "model": str(model) if model else "tests/fixtures/frameworks/*.onnx", "repeats": repeats, "startup_one_file_s": start, "jobs": rows, "threads": threads}
+    source = ("generated held-out architectures" if generated else str(model) if model
+              else "tests/fixtures/frameworks/*.onnx")
+    return {"files": files, "model": source, "bytes": total_bytes, "repeats": repeats, "startup_one_file_s": start,
+            "jobs": rows, "threads": threads}
 
 
 def _threads(paths: list[Path], repeats: int, log: Callable[[str], None]) -> dict:
@@ -155,7 +189,9 @@ def _load() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ghn_onnx.benchmarks.many_files", description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=50)
-    ap.add_argument("--model", type=Path, default=None, help="copies of this export instead of the fixtures")
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=None, help="copies of this export instead of the fixtures")
+    source.add_argument("--generated", action="store_true", help="held-out generated architectures instead")
     ap.add_argument("--jobs", default="1,2", help="comma-separated --jobs values")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--startup", action="store_true", help="also time start-up (--help, inspect, predict ResNet-50)")
@@ -165,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"command": " ".join(["python -m ghn_onnx.benchmarks.many_files", *(argv or sys.argv[1:])]),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": len(os.sched_getaffinity(0)),
                     "load_before": _load()}
-    result["folder"] = bench_folder(args.files, tuple(int(j) for j in args.jobs.split(",")), args.repeats, log, args.model)
+    result["folder"] = bench_folder(args.files, tuple(int(j) for j in args.jobs.split(",")), args.repeats, log,
+                                    args.model, args.generated)
     if args.startup:
         result["startup"] = bench_startup(max(args.repeats, 3), log)
     result["load_after"] = _load()
