@@ -906,6 +906,9 @@ def _finetune_bench_options(command: Callable) -> Callable:
               help="Held-out in-distribution architectures (200 available).")
 @click.option("--ood-nets", type=click.IntRange(min=0), default=10, show_default=True,
               help="Architectures per OOD split: wide, deep, dense, bnfree (50 available each).")
+@click.option("--ood-splits", default="wide,deep,dense,bnfree", show_default=True,
+              help="The OOD splits to evaluate, comma-separated (the full sets take hours on a CPU: "
+                   "one process per split, each with its own --out, spreads them over cores).")
 @click.option("--sgd-steps", default="100,500", show_default=True,
               help="Steps at which every training curve is measured, comma-separated.")
 @click.option("--finetune-steps", type=click.IntRange(min=1), default=500, show_default=True,
@@ -930,7 +933,7 @@ def _finetune_bench_options(command: Callable) -> Callable:
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @threads_option
 @_finetune_bench_options
-def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id_nets, ood_nets, sgd_steps,
+def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id_nets, ood_nets, ood_splits, sgd_steps,
                  finetune_steps, finetune_archs, tv_models, sgd_torchvision, finetune_torchvision,
                  sgd_batch_size, calibration_images, batch_size, seed, device, threads, quiet) -> None:
     """Evaluate a GHN checkpoint on CIFAR-10 against random-init and SGD baselines.
@@ -943,7 +946,8 @@ def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id
     3. SGD curves from random init and from the GHN's prediction, same batches and budget.
 
     Every figure carries the images, networks and seed that produced it. Progress goes to
-    stderr, the summary (or --json) to stdout.
+    stderr, the summary (or --json) to stdout. --out is rewritten after each split and model
+    (`"complete": false` in its meta until the end), so an interrupted run keeps what it measured.
     """
     from ghn_onnx.training.datasets import load_cifar10
     from ghn_onnx.training.eval_plot import plot_curves
@@ -951,6 +955,7 @@ def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id
 
     try:
         cfg = EvalConfig(test_images=test_images, id_nets=id_nets, ood_nets=ood_nets,
+                         ood_splits=tuple(s.strip() for s in ood_splits.split(",") if s.strip()),
                          sgd_steps=_eval_steps(sgd_steps), finetune_steps=finetune_steps,
                          finetune_archs=finetune_archs, torchvision=_eval_models(tv_models),
                          sgd_torchvision=_eval_models(sgd_torchvision),
@@ -959,15 +964,19 @@ def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id
                          batch_size=batch_size, seed=seed, device=_check_device(device), threads=threads)
         ghn, ckpt = _load_ghn(checkpoint, cfg.device)
         splits = load_cifar10(data)
+        def write(result: dict) -> None:
+            try:
+                write_json(result, out_path)
+            except OSError as exc:
+                raise click.ClickException(f"{out_path}: cannot write ({exc.strerror or exc})") from None
+
         result = evaluate(ghn, splits, cfg, source=checkpoint_source(ckpt),
-                          log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+                          log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)),
+                          on_section=write if out_path is not None else None)
     except GhnOnnxError as exc:
         raise _user_error(exc) from None
     if out_path is not None:
-        try:
-            write_json(result, out_path)
-        except OSError as exc:
-            raise click.ClickException(f"{out_path}: cannot write ({exc.strerror or exc})") from None
+        write(result)
         click.echo(f"wrote {out_path}", err=True)
     if plot_path is not None:
         try:

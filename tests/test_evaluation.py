@@ -23,6 +23,7 @@ from ghn_onnx.training.datasets import ImageSet, normalize
 from ghn_onnx.ghn import checkpoint
 from ghn_onnx.training.cifar_models import TORCHVISION_MODELS, cifar_model, export_model, parameters_from_onnx
 from ghn_onnx.training.eval_plot import plot_curves
+from ghn_onnx.training import eval_suite
 from ghn_onnx.training.eval_suite import OOD_SPLITS, EvalConfig, EvalConfigError, evaluate
 from ghn_onnx.training.evaluation import accuracy, onnx_accuracy, random_subset
 
@@ -198,17 +199,27 @@ def test_cli_eval_writes_json_and_plot(tmp_path, monkeypatch, parity_dir, ghn):
     ckpt = tmp_path / "ghn.safetensors"
     checkpoint.save(ghn, ckpt, extra={"trained_steps": "0"})
     args = ["eval", "--checkpoint", str(ckpt), "--data", str(data), "--test-images", "64", "--id-nets", "1",
-            "--ood-nets", "0", "--sgd-steps", "2", "--finetune-steps", "2", "--finetune-archs", "1",
+            "--ood-nets", "1", "--ood-splits", "bnfree", "--sgd-steps", "2", "--finetune-steps", "2",
+            "--finetune-archs", "1",
             "--sgd-batch-size", "16",
             "--torchvision", "none", "--sgd-torchvision", "none", "--calibration-images", "32", "--threads", "1",
             "--quiet"]
+    partial = []
+    real_write = eval_suite.write_json
+    monkeypatch.setattr(eval_suite, "write_json", lambda r, p: (partial.append(json.loads(json.dumps(r))),
+                                                                real_write(r, p)))
     res = CliRunner().invoke(main, [*args, "--json", "--out", str(tmp_path / "r.json"),
                                     "--plot", str(tmp_path / "c.png")])
     assert res.exit_code == 0, res.output
     printed = json.loads(res.stdout)
-    assert printed == json.loads((tmp_path / "r.json").read_text())
+    assert printed == json.loads((tmp_path / "r.json").read_text()) and printed["meta"]["complete"]
     assert printed["meta"]["trained_steps"] == "0" and len(printed["meta"]["checkpoint_sha256"]) == 64
     assert printed["generated"]["test"]["nets"] == 1 and printed["torchvision"] == {}
+    assert list(printed["generated"]) == ["test", "bnfree"]  # --ood-splits
+    # --out is rewritten after each split, so an interrupted run keeps what it measured
+    assert [(list(r["generated"]), r["meta"]["complete"]) for r in partial] == [
+        (["test"], False), (["test", "bnfree"], False), (["test", "bnfree"], True)]
+    assert not list(tmp_path.glob(".r.json*"))  # written through a temporary file, renamed
     assert (tmp_path / "c.png").stat().st_size > 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -253,7 +254,8 @@ def _images(test: ImageSet, cfg: EvalConfig) -> dict:
 
 
 def evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig = EvalConfig(), *,
-             log: Log = lambda _: None, source: dict | None = None) -> dict:
+             log: Log = lambda _: None, source: dict | None = None,
+             on_section: Callable[[dict], None] | None = None) -> dict:
     """Run every section of the evaluation (module docstring) and return the JSON-able result.
 
     Args:
@@ -262,17 +264,22 @@ def evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig = EvalConfig
         cfg: what to measure.
         log: called with one line of progress per network and model.
         source: what the GHN is (checkpoint path, hash, trained steps), copied into ``meta``.
+        on_section: called with the result so far (``meta["complete"]`` false) after each split
+            and each torchvision model: the full held-out sets take hours on a CPU, and an
+            interrupted run should keep what it measured (``ghn-onnx eval --out`` rewrites its
+            file each time).
     """
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _evaluate(ghn, splits, cfg, log, source)
+        return _evaluate(ghn, splits, cfg, log, source, on_section or (lambda _: None))
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig, log: Log, source: dict | None) -> dict:
+def _evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig, log: Log, source: dict | None,
+              on_section: Callable[[dict], None]) -> dict:
     t_start = time.perf_counter()
     ghn.eval()
     test = random_subset(splits["test"], cfg.test_images, cfg.seed)
@@ -283,14 +290,17 @@ def _evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig, log: Log, 
                                  "train_images": len(train),
                                  **_images(test, cfg), "init_seed": cfg.seed, "generated": [],
                                  "torchvision": {}}}
+    result["meta"]["complete"] = False
     for split, n in (("test", cfg.id_nets), *((s, cfg.ood_nets) for s in cfg.ood_splits)):
         if n:
             result["generated"][split] = evaluate_split(ghn, split, n, test, cfg, log)
+            on_section(result)
     predicted: dict[str, TorchvisionPrediction] = {}
     for name in dict.fromkeys((*cfg.torchvision, *cfg.finetune_torchvision)):
         predicted[name] = predict_torchvision(ghn, name, cfg.seed)
         if name in cfg.torchvision:
             result["torchvision"][name] = evaluate_torchvision(predicted[name], name, test, calibration, cfg, log)
+            on_section(result)
     training = result["training"]
     if cfg.finetune_archs:
         training["generated"] = finetune_generated(ghn, train, test, cfg, log)
@@ -300,6 +310,7 @@ def _evaluate(ghn: GHN, splits: dict[str, ImageSet], cfg: EvalConfig, log: Log, 
         p = predicted.get(name) if name in cfg.finetune_torchvision else None
         training["torchvision"][name] = sgd_torchvision(name, p, train, test, cfg, log)
     result["meta"]["seconds"] = time.perf_counter() - t_start
+    result["meta"]["complete"] = True
     return result
 
 
@@ -363,4 +374,9 @@ def describe_training(meta: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2))
+    """Write ``result`` to ``path`` through a temporary file and a rename (it is rewritten while
+    an evaluation runs, and an interrupted write must not leave half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
