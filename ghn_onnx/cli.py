@@ -790,6 +790,7 @@ def _eval_steps(value: str) -> tuple[int, ...]:
 
 
 def _eval_models(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names (models, OOD splits); ``none``: the empty list."""
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     return () if names == ("none",) else names
 
@@ -955,7 +956,7 @@ def eval_command(checkpoint, data, out_path, as_json, plot_path, test_images, id
 
     try:
         cfg = EvalConfig(test_images=test_images, id_nets=id_nets, ood_nets=ood_nets,
-                         ood_splits=tuple(s.strip() for s in ood_splits.split(",") if s.strip()),
+                         ood_splits=_eval_models(ood_splits),
                          sgd_steps=_eval_steps(sgd_steps), finetune_steps=finetune_steps,
                          finetune_archs=finetune_archs, torchvision=_eval_models(tv_models),
                          sgd_torchvision=_eval_models(sgd_torchvision),

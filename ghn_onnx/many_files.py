@@ -129,12 +129,7 @@ def batches(inputs: Sequence[str | os.PathLike], jobs: int = 1, budget: int | No
     share = (element_budget() if budget is None else budget) // jobs
     if max_files is None:
         max_files = max(1, min(16, math.ceil(len(inputs) / (4 * jobs))))
-    sizes = []
-    for src in inputs:
-        try:
-            sizes.append(os.stat(src).st_size // 4)
-        except OSError:
-            sizes.append(0)  # reported when it is read
+    sizes = [_declared_elements(src) for src in inputs]
     if jobs > 1:
         share = min(share, max(1, sum(sizes) // (4 * jobs)))
     groups: list[list[int]] = []
@@ -149,6 +144,15 @@ def batches(inputs: Sequence[str | os.PathLike], jobs: int = 1, budget: int | No
     if current:
         groups.append(current)
     return groups
+
+
+def _declared_elements(path: str | os.PathLike) -> int:
+    """A file's elements as batching estimates them (size / 4, a float32 upper bound); 0 for a
+    file that cannot be read (its own load reports it)."""
+    try:
+        return os.stat(path).st_size // 4
+    except OSError:
+        return 0
 
 
 # -- prediction ----------------------------------------------------------------------------------
@@ -281,7 +285,7 @@ def predict_many(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os
     elif method == "fork":
         _load_numba_registries()
     # Largest groups first (each to the next free worker), so that no large one starts last.
-    order = sorted(range(len(groups)), key=lambda g: -sum(_size(s) for s, _ in groups[g]))
+    order = sorted(range(len(groups)), key=lambda g: -sum(_declared_elements(s) for s, _ in groups[g]))
     done: dict[int, list[FileResult]] = {}
     with context.Pool(
             jobs, initializer=_init_worker, initargs=(str(checkpoint), options.device or "cpu", threads, _fields(options))
@@ -290,13 +294,6 @@ def predict_many(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os
             done[g] = group_results
             progress(len(group_results))
     return [r for g in range(len(groups)) for r in done[g]]
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 def _indexed_group(item: tuple[int, list[tuple[str, str]]]) -> tuple[int, list[FileResult]]:
