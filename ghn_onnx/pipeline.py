@@ -42,7 +42,7 @@ from ghn_onnx.ghn.decode.rules import classifier_head
 from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.graph.primitives import Primitive
-from ghn_onnx.onnx_io.loading import load_model, read_model
+from ghn_onnx.onnx_io.loading import load_model, open_model, read_model
 from ghn_onnx.onnx_io.storage import untie_aliases
 from ghn_onnx.writeback.for_training import ForTraining, for_training
 from ghn_onnx.writeback.unfold import fold_back, folded_convs, is_virtual, unfolded_graph, with_explicit_bn
@@ -455,30 +455,35 @@ def predict_files(inputs: Sequence[str | os.PathLike], outputs: Sequence[str | o
         raise GhnOnnxError("two inputs would be written to the same output file")
     ghn, metadata = _ghn_and_metadata(ghn, options)
     t0 = time.perf_counter()
+    # Calibration and unfolding read the model's own values; a plain prediction overwrites most
+    # large tensors, so those are left in the file until written (ghn_onnx.onnx_io.deferred).
+    defer = options.calibrate is None and not options.unfold_bn
     loaded = []
     for src, dst in zip(inputs, outputs):  # every file is read before any is converted, as one batch
         try:
-            loaded.append((src, dst, *read_model(src)))
+            loaded.append((src, dst, *(open_model(src) if defer else (*read_model(src), None))))
         except GhnOnnxError as exc:
             if on_error is None:
                 raise
             on_error(src, exc)
     jobs, prepared = [], []
-    for src, dst, model, data_files in loaded:
+    for src, dst, model, data_files, source in loaded:
         try:
             prepared.append(prepare(model, Path(src).name, ghn.config.rules, validated=True))
-            jobs.append((src, dst, data_files))
+            jobs.append((src, dst, data_files, source))
         except GhnOnnxError as exc:
             if on_error is None:
                 raise
             on_error(src, exc)
     del loaded
-    preds = _predict_prepared(prepared, ghn, [Path(src).name for src, _, _ in jobs], options, metadata)
+    preds = _predict_prepared(prepared, ghn, [Path(src).name for src, *_ in jobs], options, metadata)
     share = (time.perf_counter() - t0) / max(len(preds), 1)
     written = []
-    for (pred, held), (src, dst, data_files) in progress(list(zip(preds, jobs))):
+    for (pred, held), (src, dst, data_files, source) in progress(list(zip(preds, jobs))):
         t1 = time.perf_counter()
         try:
+            if source is not None:
+                source.fill(pred.model)  # the deferred tensors the GHN does not predict
             if held is not None and options.calibrate is None:  # written without re-serialising
                 save_predicted(held, dst, source_path=src, source_data_files=data_files,
                                reserialize=options.reserialize, fill=return_models)

@@ -183,7 +183,8 @@ def test_file_to_file_benchmark_reports_both_routes_and_the_copy():
 
     r = bench_file_to_file(FIXTURES[0], repeats=1, per_process=False)
     assert {"spliced_s", "reserialized_s", "copy_s", "copy_fsync_s"} <= set(r["in_process"])
-    assert set(r["in_process"]["stages_s"]) == {"load", "prepare", "ghn", "predicted_model", "save_predicted", "fill"}
+    assert set(r["in_process"]["stages_s"]) == {"load", "prepare", "ghn", "predicted_model", "read_kept", "save_predicted",
+                                                      "fill"}
     table = format_result(r)
     assert "| predict_files, spliced, return_models=False" in table and "marginal per file" not in table
 

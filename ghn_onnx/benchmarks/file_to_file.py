@@ -12,8 +12,10 @@ is the median over the rounds.
   ``return_models=False`` (as ``ghn-onnx predict``) and with the models returned (the default),
   and with ``reserialize=True`` (the whole model serialised: the route before); the plain copy of the
   same bytes (read the file, write it to another), without and with ``fsync`` (every output is
-  fsynced before its rename, for durability); and the stages of the spliced route: load,
-  prepare (untie aliases, convert), GHN forward, :func:`~ghn_onnx.writeback.write.predicted_model`,
+  fsynced before its rename, for durability); and the stages of the spliced route: load (the
+  large tensors left in the file, :mod:`ghn_onnx.onnx_io.deferred`), prepare (untie aliases,
+  convert), GHN forward, :func:`~ghn_onnx.writeback.write.predicted_model`, ``read_kept`` (the
+  deferred tensors the GHN does not predict, read from the file),
   :func:`~ghn_onnx.writeback.write.save_predicted` (which also fills the returned model, timed
   alone as ``fill``).
 * **Per process** (``repeats // 3`` rounds): ``ghn-onnx predict`` in a new interpreter over one
@@ -53,7 +55,7 @@ def copy_file(src: Path, dst: Path, durable: bool = False) -> None:
 
 def _stages(path: Path, out: Path, ghn) -> dict[str, float]:
     """The spliced route of ``predict_files``, stage by stage (seconds)."""
-    from ghn_onnx.onnx_io.loading import read_model
+    from ghn_onnx.onnx_io.loading import open_model
     from ghn_onnx.pipeline import predict_graphs, prepare
     from ghn_onnx.writeback.write import predicted_model, resolve_shared, save_predicted
 
@@ -64,7 +66,7 @@ def _stages(path: Path, out: Path, ghn) -> dict[str, float]:
         now = time.perf_counter()
         times[name], t0 = now - t0, now
 
-    model, data_files = read_model(path)
+    model, data_files, source = open_model(path)
     lap("load")
     model, graph = prepare(model, path.name, ghn.config.rules, validated=True)
     lap("prepare")
@@ -74,6 +76,9 @@ def _stages(path: Path, out: Path, ghn) -> dict[str, float]:
     pred = {k: v for k, v in pred.items() if k in owners}
     held = predicted_model(model, graph, pred, metadata={"bn": "uncalibrated"})
     lap("predicted_model")
+    if source is not None:
+        source.fill(held.model)
+    lap("read_kept")
     save_predicted(held, out, source_path=path, source_data_files=data_files)
     lap("save_predicted")
     again = predicted_model(model, graph, pred, metadata={"bn": "uncalibrated"})

@@ -210,6 +210,10 @@ class TensorIndex:
         t = self.initializers.get(name) or self.constants.get(name)
         if t is None:
             return self._folded_shape(name, _depth)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            # A deferred float weight (ghn_onnx.onnx_io.deferred): no rule reads such values, and
+            # a loaded model has no other external tensors.
+            return None
         try:
             return numpy_helper.to_array(t)
         except (ValueError, TypeError, KeyError):

@@ -47,6 +47,25 @@ def regular_file_stat(path: str | os.PathLike, error: type[GhnOnnxError], what: 
     return st
 
 
+def open_regular_file(path: str | os.PathLike, error: type[GhnOnnxError], what: str) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the regular file at ``path`` and its ``fstat`` (the caller closes
+    it); anything else is refused with ``error`` before it is opened."""
+    regular_file_stat(path, error, what)
+    try:
+        fd = os.open(path, READ_FLAGS)  # non-blocking: a FIFO swapped in since the stat cannot block
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)  # the file opened is the one checked
+    except OSError as exc:
+        os.close(fd)
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise error(f"{path}: is {kind(st.st_mode)}, not a regular file (expected {what})")
+    return fd, st
+
+
 def read_regular_file(path: str | os.PathLike, max_bytes: int, error: type[GhnOnnxError], what: str,
                       limit_reason: str) -> bytes:
     """The bytes of the regular file at ``path``, refusing anything else before opening it.
@@ -59,15 +78,8 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, error: type[GhnOn
         what: what the file should be, for messages (``"an .onnx file"``).
         limit_reason: ``max_bytes`` and why, for the message (``"the 2 GiB an ONNX file can hold"``).
     """
-    regular_file_stat(path, error, what)
+    fd, st = open_regular_file(path, error, what)
     try:
-        fd = os.open(path, READ_FLAGS)  # non-blocking: a FIFO swapped in since the stat cannot block
-    except OSError as exc:
-        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        st = os.fstat(fd)  # the file opened is the one checked
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{path}: is {kind(st.st_mode)}, not a regular file (expected {what})")
         if st.st_size > max_bytes:
             raise error(f"{path}: {st.st_size:,} bytes, more than {limit_reason}")
         chunks, total = [], 0

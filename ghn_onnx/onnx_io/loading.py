@@ -1,6 +1,7 @@
 """Reading an ONNX file with errors a user can act on, and refusing models a GHN cannot serve.
 
-:func:`load_model` is the one door models come in through. It reads regular files only, with
+:func:`load_model` (and :func:`read_model`, :func:`open_model`, which also say which files
+were read and which tensors were left in the file) is the one door models come in through. It reads regular files only, with
 the size capped before the first byte is read (:mod:`.files`), and then checks the model once
 (:func:`validate_model`) so that later stages can trust it:
 
@@ -29,6 +30,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from ghn_onnx.errors import ModelLoadError, UnsupportedModelError
+from ghn_onnx.onnx_io.deferred import DeferredFile, read_deferred
 from ghn_onnx.onnx_io.files import read_regular_file, regular_file_stat
 from ghn_onnx.onnx_io.storage import np_dtype, tensor_nbytes
 
@@ -98,11 +100,9 @@ def read_model(path: str | os.PathLike, max_elements: int | None = None) -> tupl
     the source again (for a 94 MB ResNet-50, 50 ms of a 320 ms file to file).
     """
     path = Path(path)
-    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
-    cap = min(MAX_MODEL_BYTES, max(memory_available() // PARSE_MEMORY_FACTOR, 1 << 20))
-    reason = (f"the {cap:,} bytes an ONNX file can hold (keep large weights in external data)"
-              if cap == MAX_MODEL_BYTES else f"a third of the memory available ({cap:,} bytes)")
+    cap, reason = _size_cap()
     data = read_regular_file(path, cap, ModelLoadError, "an .onnx file", reason)
+    fmt = _format(path)
     try:
         with warnings.catch_warnings():
             # onnx warns that its ".onnxtxt" parser is experimental; the outcome is reported below.
@@ -113,11 +113,51 @@ def read_model(path: str | os.PathLike, max_elements: int | None = None) -> tupl
     except MemoryError:
         raise ModelLoadError(f"{path}: not enough memory to parse it ({len(data):,} bytes)") from None
     del data
+    _check_read(model, path, max_elements)
+    return model, _load_external_data(model, path)
+
+
+def open_model(path: str | os.PathLike, max_elements: int | None = None
+               ) -> tuple[onnx.ModelProto, tuple[Path, ...], DeferredFile | None]:
+    """:func:`read_model` with the large initializers left in the file where that applies
+    (:mod:`ghn_onnx.onnx_io.deferred`): the model, the external data files read, and the file
+    the deferred tensors are in (None: nothing deferred, the model is complete).
+
+    The model is checked as :func:`read_model` checks it. Before it is written or handed to
+    anything that reads tensor values, call ``deferred.fill(model)``; a writer refuses a model
+    that still defers tensors.
+    """
+    path = Path(path)
+    if _format(path) == "protobuf":
+        got = read_deferred(path, _size_cap()[0])
+        if got is not None:
+            model, source = got
+            # External data files are read by their own loader, which reads every external tensor.
+            if not any(t.data_location == onnx.TensorProto.EXTERNAL and not source.is_deferred(t)
+                       for t, _ in stored_tensor_protos(model)):
+                _check_read(model, path, max_elements)
+                return model, (), source
+    model, files = read_model(path, max_elements)
+    return model, files, None
+
+
+def _format(path: Path) -> str:
+    return onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
+
+
+def _size_cap() -> tuple[int, str]:
+    """The largest file parsed, and why, for messages."""
+    cap = min(MAX_MODEL_BYTES, max(memory_available() // PARSE_MEMORY_FACTOR, 1 << 20))
+    reason = (f"the {cap:,} bytes an ONNX file can hold (keep large weights in external data)"
+              if cap == MAX_MODEL_BYTES else f"a third of the memory available ({cap:,} bytes)")
+    return cap, reason
+
+
+def _check_read(model: onnx.ModelProto, path: Path, max_elements: int | None) -> None:
     if not model.graph.node:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes; truncated or another format?)")
     validate_model(model, str(path), max_elements=max_elements)
     _check_node_inputs(model, path)
-    return model, _load_external_data(model, path)
 
 
 # -- validation ----------------------------------------------------------------------------------
