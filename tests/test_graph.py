@@ -78,3 +78,30 @@ def test_topological_order_keeps_a_sorted_numbering_and_finds_cycles():
 
 def test_counts():
     assert chain(3).counts() == {"input": 1, "conv": 2}
+
+
+def _bfs_distances(n: int, edges: list[tuple[int, int]], cutoff: int) -> np.ndarray:
+    out = np.zeros((n, n), np.int64)
+    succ: list[list[int]] = [[] for _ in range(n)]
+    for s, d in edges:
+        succ[s].append(d)
+    for s in range(n):
+        seen, frontier, depth = {s}, [s], 0
+        while frontier and depth < cutoff:
+            depth += 1
+            frontier = [d for u in frontier for d in succ[u] if d not in seen and not seen.add(d)]
+            for d in frontier:
+                out[s, d] = depth
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_distances_equal_breadth_first_search(seed):
+    """Random DAGs (skips, fan-in, repeated edges, unreachable nodes) against a plain BFS."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 60))
+    edges = sorted({(int(s), int(d)) for d in range(1, n) for s in rng.integers(0, d, rng.integers(0, 4))})
+    edges += edges[:3]  # a repeated edge changes nothing
+    g = Graph([Node(Primitive.INPUT, "input")] + [Node(Primitive.SUM, f"s{i}") for i in range(1, n)], edges)
+    for cutoff in (1, 2, 5, 50):
+        assert np.array_equal(g.distances(cutoff), _bfs_distances(n, edges, cutoff)), cutoff

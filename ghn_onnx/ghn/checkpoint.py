@@ -192,8 +192,12 @@ def from_state_dict(state: Mapping[str, torch.Tensor], config: GHNConfig, source
         raise CheckpointError(f"{source}: expected a state dict of named tensors")
     check_declared({k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()},
                    config, source)
+    import numpy as np
+
     for k, v in state.items():
-        if not torch.isfinite(v).all():
+        # numpy, not torch.isfinite: torch's first parallel op starts its thread pool (~50 ms
+        # of a one-file ``ghn-onnx predict``), and these are small CPU tensors.
+        if not np.isfinite(v.detach().to("cpu", torch.float32).numpy()).all():
             raise CheckpointError(f"{source}: {k} holds non-finite values")
     ghn = GHN(config)
     ghn.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})

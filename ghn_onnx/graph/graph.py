@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
 
 from ghn_onnx.graph.primitives import Primitive
 
@@ -192,14 +190,28 @@ class Graph:
         return [p for n in self.nodes for p in n.params]
 
     def distances(self, cutoff: int = VIRTUAL_EDGE_CUTOFF) -> np.ndarray:
-        """Dense ``(N, N)`` shortest-path lengths along edge direction; 0 where > cutoff or none."""
+        """Dense ``(N, N)`` shortest-path lengths along edge direction; 0 where > cutoff or none.
+
+        Why not a graph library: edges run forward (``src < dst``), so one pass in node order
+        gives every source's distance to a node from its predecessors' (``d(s, v) = 1 + min over
+        u -> v of d(s, u)``), in bytes instead of floats; and scipy's import alone cost 0.13 s
+        of ``ghn-onnx predict``'s start-up.
+        """
         n = len(self.nodes)
-        adj = scipy.sparse.csr_matrix(
-            (np.ones(len(self.edges)), (self.edges[:, 0], self.edges[:, 1])), shape=(n, n)
-        )
-        dist = scipy.sparse.csgraph.shortest_path(adj, method="D", directed=True, unweighted=True)
-        dist[~np.isfinite(dist) | (dist > cutoff)] = 0
-        return dist.astype(np.int64)
+        if not 0 < cutoff < 255:
+            raise ValueError(f"Expected 0 < cutoff < 255 (got {cutoff})")
+        far = np.uint8(255)
+        into = np.full((n, n), far, np.uint8)  # into[v, s]: length of the shortest path s -> v
+        preds: list[list[int]] = [[] for _ in range(n)]
+        for s, d in self.edges[:, :2].tolist():
+            preds[d].append(s)
+        for v, p in enumerate(preds):
+            if p:
+                best = into[p[0]] if len(p) == 1 else into[p].min(axis=0)
+                into[v] = np.where(best < cutoff, best + np.uint8(1), far)
+            into[v, v] = 0
+        into[into == far] = 0
+        return into.T.astype(np.int64)
 
     def edges_with_virtual(self, cutoff: int = VIRTUAL_EDGE_CUTOFF) -> np.ndarray:
         """``(E', 3)`` int64 ``[src, dst, dist]``: every pair joined by a path of length <= cutoff.
