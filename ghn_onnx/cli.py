@@ -998,7 +998,8 @@ def console() -> None:
     torch's and numba's modules is all that is left, and it took ~0.25 s of a 2 s one-file
     ``ghn-onnx predict`` (bench/RESULTS.md). The exit handlers still run (logging, temporary
     folders, worker pools) and the standard streams are flushed; with other threads still
-    running, or a stream that cannot be flushed, the exit is the interpreter's own.
+    running that the interpreter would wait for (not daemons such as tqdm's monitor), or a
+    stream that cannot be flushed, the exit is the interpreter's own.
     """
     import atexit
     import os
@@ -1010,7 +1011,8 @@ def console() -> None:
         code = 0
     except SystemExit as exc:
         code = exc.code
-    if not isinstance(code, int) or threading.active_count() > 1:
+    waited_for = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not isinstance(code, int) or waited_for:
         sys.exit(code)
     try:
         sys.stdout.flush()
