@@ -146,3 +146,24 @@ def test_no_session_is_built_outside_the_helper():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "ghn_onnx").rglob("*.py")
                  if p.name != "threads.py" and ("InferenceSession(" in p.read_text() or "SessionOptions(" in p.read_text())]
     assert offenders == []
+
+
+def _console(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The executable's entry point (``ghn_onnx.cli:console``), in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-c", "from ghn_onnx.cli import console; console()", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_the_console_exit_keeps_codes_streams_and_outputs(tmp_path):
+    """The console entry skips the interpreter's teardown: exit codes, flushed output (a pipe is
+    block-buffered) and the written file are what the in-process CLI gives."""
+    inspect = CliRunner().invoke(main, ["inspect", str(FIXTURE), "--json"])
+    got = _console("inspect", str(FIXTURE), "--json")
+    assert got.returncode == 0 and got.stdout == inspect.output
+    bad = _console("predict", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "out.onnx"))
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("Error:") and len(bad.stderr.splitlines()) == 1
+    ok = _console("predict", str(FIXTURE), "-o", str(tmp_path / "out.onnx"), "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)[0]["output"] == str(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").stat().st_size > 0 and not list(tmp_path.glob(".out.onnx.*"))
+    usage = _console("predict", "--no-such-option")
+    assert usage.returncode == 2 and "Error:" in usage.stderr
