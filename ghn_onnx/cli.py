@@ -439,7 +439,7 @@ def predict(models, output, output_dir, checkpoint, device, calibrate_data, cali
         ghn, ckpt = None, _checkpoint_file(checkpoint, _check_device(device))
     else:
         ghn, ckpt = _load_ghn(checkpoint, _check_device(device))
-    options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, batch_size=calibration_batch,
+    options = PredictOptions(calibrate=calibrate_data, calibration_images=calibration_images, calibration_batch=calibration_batch,
                              seed=seed, **_normalisation(mean, std, no_normalize), unfold_bn=unfold_bn, device=device,
                              calibration_mode=calibration_mode, for_training=for_training,
                              metadata={"checkpoint_sha256": file_sha256(ckpt)})

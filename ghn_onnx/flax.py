@@ -108,7 +108,7 @@ def init(module: Any, variables: Any, example_input: Any, *, checkpoint: str | o
         verify: check the Flax forward with the new variables against onnxruntime on the
             predicted model, on ``example_input`` (cheap for small inputs).
         predict_options: :class:`~ghn_onnx.pipeline.PredictOptions` fields (``calibration_images``,
-            ``batch_size``, ``seed``, ``mean``, ``std``, ``no_normalize``, ``device``, ``metadata``).
+            ``calibration_batch``, ``seed``, ``mean``, ``std``, ``no_normalize``, ``device``, ``metadata``).
 
     Returns:
         the new variables (same tree structure and dtypes; nnx: a new model), or
@@ -119,7 +119,7 @@ def init(module: Any, variables: Any, example_input: Any, *, checkpoint: str | o
             tensor that is not one leaf, a forward that does not match the predicted ONNX model.
         TypeError: an unknown option, or ``unfold_bn`` / ``calibrate`` given as an option.
     """
-    check_options("init", predict_options)  # before the export, which takes seconds
+    predict_options = check_options("init", predict_options)  # before the export, which takes seconds
     state = _State.of(module, variables)
     exported = export(module, state, example_input, apply_kwargs)
     real = substitute(exported, state.leaves, state.float_values())
@@ -137,7 +137,7 @@ def calibrate(module: Any, variables: Any, example_input: Any, data: Calibration
     """New variables whose BN statistics are measured on ``data``, everything else as given: the
     calibration half of :func:`init`, for variables initialised some other way (the default
     init that a GHN init is compared with). Arguments as :func:`init`; ``options``:
-    ``calibration_images``, ``batch_size``, ``seed``, ``mean``, ``std``, ``no_normalize``.
+    ``calibration_images``, ``calibration_batch``, ``seed``, ``mean``, ``std``, ``no_normalize``.
     A model without BatchNormalization comes back as given.
 
     Raises:
@@ -145,7 +145,7 @@ def calibrate(module: Any, variables: Any, example_input: Any, data: Calibration
             not one leaf each, a forward that does not match the calibrated ONNX model.
         TypeError: an option that does not apply.
     """
-    check_options("calibrate", options, CALIBRATION_OPTIONS)
+    options = check_options("calibrate", options, CALIBRATION_OPTIONS)
     state = _State.of(module, variables)
     exported = export(module, state, example_input, apply_kwargs)
     real = substitute(exported, state.leaves, state.float_values())

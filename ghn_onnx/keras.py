@@ -237,7 +237,7 @@ def init_(model, *, checkpoint: str | os.PathLike | GHN | None = None, calibrate
             NHWC), or an array of model inputs ``(N, H, W, C)`` taken as they are. ``None``: the
             moving statistics keep the model's own values.
         predict_options: :class:`~ghn_onnx.pipeline.PredictOptions` fields (``calibration_images``,
-            ``batch_size``, ``seed``, ``mean``, ``std``, ``no_normalize``, ``device``, ``metadata``).
+            ``calibration_batch``, ``seed``, ``mean``, ``std``, ``no_normalize``, ``device``, ``metadata``).
 
     Returns:
         a :class:`~ghn_onnx.writeback.live.Report` keyed by weight path (``predicted``: path → :class:`Match`;
@@ -249,7 +249,7 @@ def init_(model, *, checkpoint: str | os.PathLike | GHN | None = None, calibrate
             is assigned then).
         TypeError: an unknown option, or ``unfold_bn`` / ``calibrate`` given as an option.
     """
-    check_options("init_", predict_options)  # before the export, which takes seconds
+    predict_options = check_options("init_", predict_options)  # before the export, which takes seconds
     exported = export(model)
     by_path = calibrate if isinstance(calibrate, (str, os.PathLike)) else None
     predict_options, notes = _image_options(model, by_path, predict_options)
@@ -266,7 +266,7 @@ def calibrate_(model, data, **options) -> list[str]:
 
     Args:
         model, data, options: as :func:`init_` (``data`` is its ``calibrate``; ``options`` its
-            calibration fields: ``calibration_images``, ``batch_size``, ``seed``, ``mean``,
+            calibration fields: ``calibration_images``, ``calibration_batch``, ``seed``, ``mean``,
             ``std``, ``no_normalize``). Own preprocessing is detected as by :func:`init_`.
 
     Returns:
@@ -276,7 +276,7 @@ def calibrate_(model, data, **options) -> list[str]:
         GhnOnnxError: the model cannot be exported, bad calibration data.
         TypeError: an unknown option.
     """
-    check_options("calibrate_", options, CALIBRATION_OPTIONS)
+    options = check_options("calibrate_", options, CALIBRATION_OPTIONS)
     exported = export(model)
     if isinstance(data, (str, os.PathLike)):
         options, _ = _image_options(model, data, options)

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -56,6 +57,10 @@ UNCALIBRATED_UNFOLD_WARNING = ("BN unfolded without calibration images: the unfo
                                "mean 0, var 1; pass calibration images (--calibrate IMAGES) to measure them")
 
 
+# Old PredictOptions names still taken (with a DeprecationWarning), and what they are now.
+RENAMED_OPTIONS = {"batch_size": "calibration_batch"}
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """How to predict; ``ghn-onnx predict``'s flags, as one value.
@@ -66,7 +71,8 @@ class PredictOptions:
             them after prediction. ``None``: statistics stay as stored (BN status ``uncalibrated``).
         calibration_images: how many images to draw, at random, from the training images of
             ``calibrate`` (``train/`` of a folder or zip that has splits).
-        batch_size: calibration batch size (a model with a fixed batch size is calibrated at its own).
+        calibration_batch: calibration batch size (a model with a fixed batch size is calibrated at
+            its own). Its old name ``batch_size`` is still taken, with a DeprecationWarning.
         calibration_mode: how BN statistics are measured (:data:`~ghn_onnx.bn.modes.CALIBRATION_MODES`;
             see :func:`~ghn_onnx.bn.calibration.calibrate_bn`).
         seed: seed of the calibration subset.
@@ -90,7 +96,7 @@ class PredictOptions:
 
     calibrate: str | os.PathLike | None = None
     calibration_images: int = 512
-    batch_size: int = 64
+    calibration_batch: int = 64
     seed: int = 0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -121,7 +127,7 @@ class PredictOptions:
 
     def calibration_set(self, model: onnx.ModelProto) -> CalibrationSet:
         """The calibration batches these options give for ``model`` (:func:`calibration_set`)."""
-        return calibration_set(model, self.calibrate, self.calibration_images, self.batch_size, self.seed,
+        return calibration_set(model, self.calibrate, self.calibration_images, self.calibration_batch, self.seed,
                                mean=self.mean, std=self.std, no_normalize=self.no_normalize)
 
 
@@ -217,7 +223,21 @@ def _ghn_and_metadata(ghn: GHN | None, options: PredictOptions) -> tuple[GHN, di
     return ghn, metadata
 
 
+def renamed_options(options: Mapping[str, object], caller: str) -> dict:
+    """``options`` with old option names (:data:`RENAMED_OPTIONS`) replaced by their new ones,
+    each with a DeprecationWarning; both spellings at once is a TypeError."""
+    out = dict(options)
+    for old, new in RENAMED_OPTIONS.items():
+        if old in out:
+            if new in out:
+                raise TypeError(f"{caller}: give {new} only ({old} is its old name)")
+            warnings.warn(f"{caller}: the option {old} is now {new}", DeprecationWarning, stacklevel=3)
+            out[new] = out.pop(old)
+    return out
+
+
 def _options(options: PredictOptions | None, overrides: dict) -> PredictOptions:
+    overrides = renamed_options(overrides, "predict")
     known = {f.name for f in dataclasses.fields(PredictOptions)}
     unknown = sorted(set(overrides) - known)
     if unknown:

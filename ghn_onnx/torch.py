@@ -84,7 +84,7 @@ def init_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch.
             ``std``), or an array / tensor of model inputs ``(N, ...)`` taken as they are.
             ``None``: BN statistics keep the module's own values.
         predict_options: :class:`~ghn_onnx.pipeline.PredictOptions` fields (``calibration_images``,
-            ``batch_size``, ``seed``, ``mean``, ``std``, ``no_normalize``, ``device``, ``metadata``).
+            ``calibration_batch``, ``seed``, ``mean``, ``std``, ``no_normalize``, ``device``, ``metadata``).
 
     Returns:
         a :class:`Report`: every parameter predicted, every one kept and why, the BN statistics set.
@@ -94,7 +94,7 @@ def init_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[torch.
             predicted tensor that matches no parameter (nothing is copied then).
         TypeError: an unknown option, or ``unfold_bn`` / ``calibrate`` given as an option.
     """
-    check_options("init_", predict_options)  # before the export, which takes seconds
+    predict_options = check_options("init_", predict_options)  # before the export, which takes seconds
     exported = export(module, example_input)
     pred = predict_export(exported, type(module).__name__, checkpoint, _inputs_array(calibrate), predict_options)
     return copy_prediction(module, pred, exported)
@@ -109,7 +109,7 @@ def calibrate_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[t
 
     Args:
         module, example_input, data, options: as :func:`init_` (``data`` is its ``calibrate``;
-            ``options`` its calibration fields: ``calibration_images``, ``batch_size``, ``seed``,
+            ``options`` its calibration fields: ``calibration_images``, ``calibration_batch``, ``seed``,
             ``mean``, ``std``, ``no_normalize``).
 
     Returns:
@@ -119,7 +119,7 @@ def calibrate_(module: torch.nn.Module, example_input: torch.Tensor | Sequence[t
         GhnOnnxError: the module cannot be exported, bad calibration data.
         TypeError: an unknown option.
     """
-    check_options("calibrate_", options, CALIBRATION_OPTIONS)
+    options = check_options("calibrate_", options, CALIBRATION_OPTIONS)
     exported = export(module, example_input)
     pred = calibrate_export(exported, type(module).__name__, _inputs_array(data), options)
     if not pred.bn_status.startswith("calibrated"):

@@ -102,7 +102,7 @@ def test_calibration_option_returns_the_status(checkout):
     import numpy as np
 
     np.save("calib.npy", np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
-    pred = ghn_onnx.predict(FIXTURE, calibrate="calib.npy", calibration_images=8, batch_size=4)
+    pred = ghn_onnx.predict(FIXTURE, calibrate="calib.npy", calibration_images=8, calibration_batch=4)
     assert pred.bn_status == "calibrated:8"
     assert {p.key: p.value for p in pred.model.metadata_props}["ghn_onnx.bn"] == "calibrated:8"
 
@@ -175,3 +175,17 @@ def test_other_legacy_values_are_refused(tmp_path, legacy, message):
         checkpoint.load(_old_checkpoint(tmp_path / "ghn.safetensors", **legacy))
     with pytest.raises(CheckpointError, match="unknown GHN config keys: depth"):
         GHNConfig.from_dict({"depth": 3})
+
+
+def test_the_old_calibration_batch_name_still_works_with_a_warning(tmp_path):
+    """``batch_size`` was ``calibration_batch``'s name: taken, with a DeprecationWarning; both
+    at once is an error (which one would win is not obvious)."""
+    from ghn_onnx.pipeline import renamed_options
+
+    with pytest.warns(DeprecationWarning, match="batch_size is now calibration_batch"):
+        assert renamed_options({"batch_size": 4, "seed": 1}, "predict") == {"calibration_batch": 4, "seed": 1}
+    with pytest.raises(TypeError, match="give calibration_batch only"):
+        renamed_options({"batch_size": 4, "calibration_batch": 4}, "predict")
+    with pytest.warns(DeprecationWarning):
+        old = ghn_onnx.predict(FIXTURE, seed=0, batch_size=4)
+    assert old.model == ghn_onnx.predict(FIXTURE, seed=0, calibration_batch=4).model

@@ -713,9 +713,9 @@ def test_predict_calibrates_in_the_mode_asked(tmp_path, mode):
     ghn = load_ghn()
     plain = predict(model, ghn, PredictOptions(seed=0))
     pred = predict(model, ghn, PredictOptions(calibrate=tmp_path / "calib.npy", calibration_images=len(data),
-                                              batch_size=8, calibration_mode=mode))
+                                              calibration_batch=8, calibration_mode=mode))
     expected = calibrate_bn(plain.model, PredictOptions(calibrate=tmp_path / "calib.npy",
-                                                         calibration_images=len(data), batch_size=8)
+                                                         calibration_images=len(data), calibration_batch=8)
                             .calibration_set(plain.model).batches, graph=plain.graph, mode=mode)
     got, want = stored_tensors(pred.model), stored_tensors(expected)
     stats = [k for k in want if "running" in k]

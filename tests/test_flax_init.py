@@ -187,7 +187,7 @@ def test_linen_forward_equals_the_predicted_onnx(name, ghn, live, shared_dir):
     before = leaves_of(variables)
     calibrated = "batch_stats" in variables
     options = {"calibrate": shared_dir / "data" / "cifar10-jpeg.zip", "calibration_images": 16,
-               "batch_size": 8} if calibrated else {}
+               "calibration_batch": 8} if calibrated else {}
     new, report = init(module, variables, x, checkpoint=ghn, apply_kwargs=kwargs, return_report=True, **options)
     assert leaves_of(variables).keys() == before.keys()
     assert all(np.array_equal(v, before[k]) for k, v in leaves_of(variables).items())  # input untouched
@@ -218,7 +218,7 @@ def test_nnx_model_calibrated_on_an_array(ghn):
     model = models_flax.CNN(rngs=nnx.Rngs(0))
     before = leaves_of(nnx.state(model))
     data = np.random.default_rng(2).standard_normal((8, 16, 16, 3)).astype(np.float32)
-    new, report = init(model, None, data[:2], checkpoint=ghn, calibrate=data, batch_size=4, return_report=True)
+    new, report = init(model, None, data[:2], checkpoint=ghn, calibrate=data, calibration_batch=4, return_report=True)
     assert type(new) is type(model) and new is not model
     assert all(np.array_equal(v, before[k]) for k, v in leaves_of(nnx.state(model)).items())
     after = leaves_of(nnx.state(new))
@@ -341,7 +341,7 @@ def test_calibrate_alone_sets_only_the_statistics(live):
 
     module, variables, kwargs = live["linen_cnn"]
     data = np.random.default_rng(4).standard_normal((6, 32, 32, 3)).astype(np.float32)
-    new = calibrate(module, variables, data[:2], data, apply_kwargs=kwargs, batch_size=3)
+    new = calibrate(module, variables, data[:2], data, apply_kwargs=kwargs, calibration_batch=3)
     before, after = leaves_of(variables), leaves_of(new)
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     assert changed == {p for p in before if p.startswith("batch_stats/")}

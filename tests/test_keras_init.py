@@ -210,7 +210,7 @@ def test_application_forward_equals_the_predicted_onnx(name, constructor, kwargs
     model = getattr(keras.applications, constructor)(weights=None, input_shape=(32, 32, 3), classes=10, **kwargs)
     before = {v.path: keras.ops.convert_to_numpy(v.value).copy() for v in model.weights}
     report = ghn_onnx.keras.init_(model, checkpoint=ghn, calibrate=shared_dir / "data" / "cifar10-jpeg.zip",
-                                  calibration_images=16, batch_size=8)
+                                  calibration_images=16, calibration_batch=8)
     check_report(model, report)
     assert report.bn_status == "calibrated:16"
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -266,7 +266,7 @@ def test_calibration_on_an_array_is_what_keras_measures(ghn):
     keras = keras_module()
     model = tiny_model(keras)
     data = np.random.default_rng(2).standard_normal((10, 12, 12, 3)).astype(np.float32)
-    report = ghn_onnx.keras.init_(model, checkpoint=ghn, calibrate=data, batch_size=10)
+    report = ghn_onnx.keras.init_(model, checkpoint=ghn, calibrate=data, calibration_batch=10)
     check_report(model, report)
     assert report.bn_status == "calibrated:10" and report.kept == {}
     assert {m.layout for m in report.predicted.values()} == {"as stored"}

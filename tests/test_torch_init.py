@@ -146,7 +146,7 @@ def test_module_forward_equals_the_predicted_onnx(name, factory, calibrated, kep
     torch.manual_seed(0)
     module = factory().train()
     before = copy.deepcopy(module.state_dict())
-    options = {"calibrate": images, "calibration_images": 8, "batch_size": 4} if calibrated else {}
+    options = {"calibrate": images, "calibration_images": 8, "calibration_batch": 4} if calibrated else {}
     report = init_(module, torch.randn(2, 3, 32, 32), checkpoint=ghn, **options)
     assert module.training and all(m.training for m in module.modules())  # mode kept
     check_report(module, report)
@@ -177,7 +177,7 @@ def test_calibration_on_a_tensor_matches_torch(ghn):
     torch.manual_seed(1)
     module = TinyResNet()
     data = torch.randn(10, 3, 16, 16)
-    report = init_(module, torch.randn(2, 3, 16, 16), checkpoint=ghn, calibrate=data, batch_size=4)
+    report = init_(module, torch.randn(2, 3, 16, 16), checkpoint=ghn, calibrate=data, calibration_batch=4)
     assert report.bn_status == "calibrated:10" and len(report.statistics) == 8
     reference = torch_calibrate(module, [data.numpy()[i:i + 4] for i in range(0, 10, 4)])  # init_'s batches
     for name, value in reference.state_dict().items():
@@ -191,7 +191,7 @@ def test_calibrate_sets_the_statistics_alone(images):
     module = TinyResNet()
     params = copy.deepcopy(dict(module.named_parameters()))
     data = torch.randn(10, 3, 16, 16)
-    names = ghn_onnx.torch.calibrate_(module, torch.randn(2, 3, 16, 16), data, batch_size=4)
+    names = ghn_onnx.torch.calibrate_(module, torch.randn(2, 3, 16, 16), data, calibration_batch=4)
     assert len(names) == 8 and all(torch.equal(p, params[n]) for n, p in module.named_parameters())
     reference = torch_calibrate(module, [data.numpy()[i:i + 4] for i in range(0, 10, 4)])
     for name in names:

@@ -28,13 +28,13 @@ from ghn_onnx.ghn.model import GHN
 from ghn_onnx.graph.graph import Graph
 from ghn_onnx.onnx_io.storage import ALIAS_OPS, alias_source, is_batch_norm, stored_tensors
 from ghn_onnx.pipeline import (NO_BN_TO_CALIBRATE, Prediction, PredictOptions, _calibrate, _set_bn_metadata,
-                               bn_status, load_ghn, predict, prepare)
+                               bn_status, load_ghn, predict, prepare, renamed_options)
 
 # PredictOptions fields that make no sense here: the initialisers export with BN kept, and take
 # calibration data as their own ``calibrate=`` argument.
 NOT_OPTIONS = frozenset({"unfold_bn", "calibrate"})
 # The PredictOptions fields calibration reads (what the calibrate-only functions take).
-CALIBRATION_OPTIONS = frozenset({"calibration_images", "batch_size", "seed", "mean", "std", "no_normalize"})
+CALIBRATION_OPTIONS = frozenset({"calibration_images", "calibration_batch", "seed", "mean", "std", "no_normalize"})
 
 NOT_IN_EXPORT = "not in the ONNX export (unused by the forward pass, not a float, or computed into another tensor)"
 STATISTIC_UNCALIBRATED = "BN moving statistic: never predicted (calibrate= measures it)"
@@ -121,10 +121,12 @@ def raise_unmatched(problems: list[str], into: str) -> None:
         raise GhnOnnxError(f"{len(problems)} predicted tensor(s) cannot be {into}: " + "; ".join(problems[:5]) + more)
 
 
-def check_options(caller: str, options: Mapping[str, object], known: Iterable[str] | None = None) -> None:
-    """Raise TypeError for an option ``caller`` does not take: ``unfold_bn`` / ``calibrate``, or a
-    name that is not in ``known`` (default: every :class:`PredictOptions` field but those two).
+def check_options(caller: str, options: Mapping[str, object], known: Iterable[str] | None = None) -> dict:
+    """``options`` with old names renamed (:func:`~ghn_onnx.pipeline.renamed_options`); raise
+    TypeError for an option ``caller`` does not take: ``unfold_bn`` / ``calibrate``, or a name
+    that is not in ``known`` (default: every :class:`PredictOptions` field but those two).
     Called before the export, which takes seconds."""
+    options = renamed_options(options, caller)
     bad = sorted(NOT_OPTIONS & set(options))
     if bad:
         raise TypeError(f"{caller} does not take {', '.join(bad)} as an option (it exports with BN kept; pass "
@@ -133,6 +135,7 @@ def check_options(caller: str, options: Mapping[str, object], known: Iterable[st
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(known))}")
+    return options
 
 
 def predict_export(exported: onnx.ModelProto, name: str, checkpoint: str | os.PathLike | GHN | None,
@@ -146,7 +149,7 @@ def predict_export(exported: onnx.ModelProto, name: str, checkpoint: str | os.Pa
     by_path = calibrate if isinstance(calibrate, (str, os.PathLike)) else None
     pred = predict(exported, ghn, name=name, calibrate=by_path, **options)
     if calibrate is not None and by_path is None:
-        calibrate_on_inputs(pred, calibrate, options.get("batch_size", PredictOptions.batch_size))
+        calibrate_on_inputs(pred, calibrate, options.get("calibration_batch", PredictOptions.calibration_batch))
     return pred
 
 
@@ -161,7 +164,7 @@ def calibrate_export(exported: onnx.ModelProto, name: str, data: str | os.PathLi
     if isinstance(data, (str, os.PathLike)):
         _calibrate(pred, PredictOptions(calibrate=data, **options))
     else:
-        calibrate_on_inputs(pred, data, options.get("batch_size", PredictOptions.batch_size))
+        calibrate_on_inputs(pred, data, options.get("calibration_batch", PredictOptions.calibration_batch))
     return pred
 
 
