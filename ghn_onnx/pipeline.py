@@ -435,7 +435,14 @@ def predict(model: onnx.ModelProto | str | os.PathLike, ghn: GHN | None = None, 
     """
     if not isinstance(model, onnx.ModelProto):
         name = name or Path(model).name
-        model = load_model(model)
+        options = _options(options, overrides)
+        if options.calibrate is None and not options.unfold_bn:  # as predict_files: see there
+            model, _, source = open_model(model)
+            pred = predict_models([model], ghn, [name], options)[0]
+            if source is not None:
+                source.fill(pred.model)  # the deferred tensors the GHN does not predict
+            return pred
+        return predict_models([load_model(model)], ghn, [name], options)[0]
     return predict_models([model], ghn, [name or "model"], options, **overrides)[0]
 
 

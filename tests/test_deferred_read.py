@@ -78,6 +78,11 @@ def test_predicted_files_equal_a_whole_file_read(path, ghn, tmp_path, monkeypatc
     assert [n.params for n in pa.graph.nodes] == [n.params for n in pb.graph.nodes]
 
 
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+def test_predict_from_a_path_equals_predict_from_the_model(path, ghn):
+    assert pipeline.predict(path, ghn).model == pipeline.predict(read_model(path)[0], ghn, name=path.name).model
+
+
 def test_only_large_float_initializers_are_deferred(tmp_path, monkeypatch):
     monkeypatch.setattr(deferred, "DEFER_MIN_BYTES", 16)
     model, _, source = open_model(_mlp(tmp_path / "m.onnx"))
