@@ -3,7 +3,7 @@
 # on the device machine as `bash bench/gpu_run.sh` with carry [".gpu"]. In order:
 #   1. the CUDA tests (Triton kernels, CUDA dispatch), TF32 off so exact comparisons hold;
 #   2. the GPU benchmark (`ghn-onnx bench --device cuda`);
-#   3. training on the GPU from the committed campaign state (runs/campaign/ghn.safetensors) into
+#   3. training on the GPU from the shipped checkpoint (the best validated campaign weights) into
 #      runs/gpu, until GPU_MINUTES (default 14) after the start have passed, with a safe margin.
 # Everything worth keeping lands in $OUT (at most 8 files come back): logs, bench JSON, the
 # trained GHN and its trainer state. The run forks the campaign (a GPU run sees a subset of the
@@ -44,7 +44,7 @@ echo "ghn3 bench exit $?" >> "$OUT/env.txt"
 BUDGET=$(( $(left) - 60 ))
 if [ "$BUDGET" -gt 60 ]; then
   timeout "$BUDGET" $PY -m ghn_onnx.cli train --out runs/gpu --data .gpu/cifar10-subset.zip --device cuda \
-    --init runs/campaign/ghn.safetensors --steps 100000 --warmup 20 --batch-size 64 --meta-batch 8 \
+    --init ghn_onnx/checkpoints/ghn2_cifar10.safetensors --steps 100000 --warmup 20 --batch-size 64 --meta-batch 8 \
     --save-every 50 --eval-every 0 --seed 7 > "$OUT/train.log" 2>&1
   echo "train exit $? after ${BUDGET}s budget" >> "$OUT/env.txt"
   cp runs/gpu/ghn.safetensors runs/gpu/trainer.json runs/gpu/log.jsonl "$OUT/" 2>/dev/null

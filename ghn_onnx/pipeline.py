@@ -276,9 +276,36 @@ def predict_graphs(ghn: GHN, graphs: Sequence[Graph], reference: bool = False) -
         while end < len(graphs) and (end == start or nodes + len(graphs[end]) <= MAX_NODES_PER_CALL):
             nodes += len(graphs[end])
             end += 1
-        for params in ghn(list(graphs[start:end]), sequential=reference):
-            out.append({k: v.detach().cpu().numpy() for k, v in params.items()})
+        out.extend(host_arrays(ghn(list(graphs[start:end]), sequential=reference)))
         start = end
+    return out
+
+
+def host_arrays(predictions: Sequence[Mapping[str, torch.Tensor]], *, batched: bool | None = None
+                ) -> list[dict[str, np.ndarray]]:
+    """Every predicted tensor as a numpy array. On the CPU they are the tensors' own memory; on a
+    GPU (or ``batched``) they go back in one copy, into pinned memory where CUDA has it: one
+    synchronisation for the whole batch instead of one per tensor (a ResNet-50: 161)."""
+    tensors = [v.detach() for params in predictions for v in params.values()]
+    if not tensors:
+        return [{} for _ in predictions]
+    if batched is None:
+        batched = tensors[0].device.type != "cpu"
+    if not batched or len({t.dtype for t in tensors}) > 1:
+        return [{k: v.detach().cpu().numpy() for k, v in params.items()} for params in predictions]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda)
+    host.copy_(flat, non_blocking=flat.is_cuda)
+    if flat.is_cuda:
+        torch.cuda.current_stream(flat.device).synchronize()
+    values = host.numpy()  # the arrays below are views of it, and keep it alive
+    out, at = [], 0
+    for params in predictions:
+        arrays = {}
+        for k, v in params.items():
+            arrays[k] = values[at:at + v.numel()].reshape(v.shape)
+            at += v.numel()
+        out.append(arrays)
     return out
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -189,3 +190,20 @@ def test_the_old_calibration_batch_name_still_works_with_a_warning(tmp_path):
     with pytest.warns(DeprecationWarning):
         old = ghn_onnx.predict(FIXTURE, seed=0, batch_size=4)
     assert old.model == ghn_onnx.predict(FIXTURE, seed=0, calibration_batch=4).model
+
+
+def test_predictions_come_back_in_one_copy_equal_to_one_copy_each():
+    """The GPU route (one flat copy back, then views) gives the arrays the per-tensor route gives,
+    shapes and values, for several graphs' predictions at once (checked here on CPU tensors)."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    preds = [{"a.weight": torch.randn(4, 3, 3, 3, generator=gen), "a.bias": torch.randn(4, generator=gen)},
+             {}, {"fc.weight": torch.randn(10, 7, generator=gen)}]
+    one = pipeline.host_arrays(preds, batched=True)
+    each = pipeline.host_arrays(preds, batched=False)
+    assert [list(p) for p in one] == [list(p) for p in each] == [["a.weight", "a.bias"], [], ["fc.weight"]]
+    for p, q in zip(one, each):
+        for k in p:
+            assert p[k].shape == q[k].shape and p[k].dtype == q[k].dtype and (p[k] == q[k]).all()
+    mixed = [{"a": torch.ones(2), "b": torch.ones(2, dtype=torch.float64)}]  # one dtype per copy: per tensor
+    assert pipeline.host_arrays(mixed, batched=True)[0]["b"].dtype == np.float64
