@@ -41,3 +41,25 @@ def conv_model(**conv_attrs) -> onnx.ModelProto:
 def save(m: onnx.ModelProto, path: Path) -> Path:
     onnx.save(m, str(path))
     return path
+
+
+def damaged_copies(data: bytes, cases: int, seed: int = 0, max_garbage: int = 64, max_insert: int = 12):
+    """``(case, bytes)``: ``data`` truncated, overwritten at a few bytes, with bytes inserted, or
+    replaced by random bytes, in turn (for readers that must fail cleanly on any input)."""
+    import random
+
+    rng = random.Random(seed)
+    for case in range(cases):
+        buf = bytearray(data)
+        kind = case % 4
+        if kind == 0:
+            buf = buf[:rng.randrange(len(buf))]
+        elif kind == 1:
+            for _ in range(rng.randint(1, 4)):
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+        elif kind == 2:
+            at = rng.randrange(len(buf))
+            buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, max_insert)))
+        else:
+            buf = bytearray(rng.randbytes(rng.randint(0, max_garbage)))
+        yield case, bytes(buf)

@@ -5,7 +5,6 @@ damaged files, and a clear refusal when the file changes before its tensors are 
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from ghn_onnx.ghn import GHN, GHNConfig
 from ghn_onnx.onnx_io import deferred
 from ghn_onnx.onnx_io.loading import open_model, read_model
 from ghn_onnx.writeback.write import save_model
+from onnx_builders import damaged_copies
 from onnx_builders import model as build_model
 from onnx_builders import weights
 
@@ -167,23 +167,10 @@ def test_a_change_between_reading_and_writing_is_reported_per_file(tmp_path, ghn
 def test_damaged_files_give_the_whole_file_reader_s_outcome(tmp_path):
     """Truncated, overwritten and garbage bytes: the same model (once filled) or the same error."""
     base = _mlp(tmp_path / "m.onnx").read_bytes()
-    rng = random.Random(0)
     outcomes = {"same model": 0, "same error": 0}
-    for case in range(400):
-        buf = bytearray(base)
-        kind = case % 4
-        if kind == 0:
-            buf = buf[:rng.randrange(len(buf))]
-        elif kind == 1:
-            for _ in range(rng.randint(1, 3)):
-                buf[rng.randrange(len(buf))] = rng.randrange(256)
-        elif kind == 2:
-            at = rng.randrange(len(buf))
-            buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
-        else:
-            buf = bytearray(rng.randbytes(rng.randint(0, 64)))
+    for case, buf in damaged_copies(base, 400, max_insert=6):
         path = tmp_path / f"case{case}.onnx"
-        path.write_bytes(bytes(buf))
+        path.write_bytes(buf)
         try:
             expected = read_model(path)[0]
         except ModelLoadError as exc:

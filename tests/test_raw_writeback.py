@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import ml_dtypes
@@ -23,7 +22,7 @@ from ghn_onnx.pipeline import predict_files
 from ghn_onnx.writeback import raw
 from ghn_onnx.writeback import write as writeback
 from ghn_onnx.writeback.write import PredictedModel, save_predicted
-from onnx_builders import conv_model
+from onnx_builders import conv_model, damaged_copies
 from writeback_models import bf16_conv_model
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "frameworks").glob("*.onnx"))
@@ -243,23 +242,10 @@ def test_walker_ends_with_pieces_or_a_wire_error_on_garbage():
     for t in model.graph.initializer[:2]:
         t.ClearField("raw_data")
     skeleton = model.SerializeToString()
-    rng = random.Random(0)
     outcomes = {"pieces": 0, "error": 0}
-    for case in range(3000):
-        buf = bytearray(skeleton)
-        kind = case % 4
-        if kind == 0:
-            buf = buf[:rng.randrange(len(buf))]
-        elif kind == 1:
-            for _ in range(rng.randint(1, 4)):
-                buf[rng.randrange(len(buf))] = rng.randrange(256)
-        elif kind == 2:
-            at = rng.randrange(len(buf))
-            buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 12)))
-        else:
-            buf = bytearray(rng.randbytes(rng.randint(0, 64)))
+    for case, buf in damaged_copies(skeleton, 3000):
         try:
-            raw.with_raw_data(bytes(buf), {0: memoryview(b"\1" * 24), 1: memoryview(b"\2" * 12)})
+            raw.with_raw_data(buf, {0: memoryview(b"\1" * 24), 1: memoryview(b"\2" * 12)})
             outcomes["pieces"] += 1
         except raw.WireError:
             outcomes["error"] += 1
