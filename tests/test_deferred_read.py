@@ -194,3 +194,11 @@ def test_not_the_binary_format_or_nothing_to_defer_reads_whole(tmp_path, monkeyp
     assert open_model(text)[2] is None
     monkeypatch.setattr(deferred, "DEFER_MIN_BYTES", 1 << 30)
     assert open_model(m)[2] is None
+
+
+def test_a_file_of_many_tiny_records_is_left_to_protobuf(tmp_path, monkeypatch):
+    """The walker stops after MAX_RECORDS and the whole-file reader takes over (same model)."""
+    path = _mlp(tmp_path / "m.onnx")
+    monkeypatch.setattr(deferred, "MAX_RECORDS", 5)
+    model, _, source = open_model(path)
+    assert source is None and model == read_model(path)[0]
