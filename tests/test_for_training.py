@@ -82,7 +82,7 @@ def test_deterministic_and_seeded_per_tensor(wide):
 
 def test_orthogonalisation_keeps_the_norm_and_spares_the_classifier(wide):
     _, graph, pred = wide
-    out, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.0))
+    out, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.0, normalised_only=False))
     assert report.orthogonalised == 2 and report.noised_rows == 0
     for k in ("conv1.weight", "conv2.weight"):
         w = out[k].reshape(len(out[k]), -1).astype(np.float64)
@@ -90,7 +90,7 @@ def test_orthogonalisation_keeps_the_norm_and_spares_the_classifier(wide):
         s = np.linalg.svd(w, compute_uv=False)
         assert s.max() / s.min() < 1.0001  # all singular values equal: (semi-)orthogonal
     assert np.array_equal(out["fc.weight"], pred["fc.weight"])
-    deeper, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.5))
+    deeper, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.5, normalised_only=False))
     assert report.orthogonalised == 1 and np.array_equal(deeper["conv1.weight"], pred["conv1.weight"])
 
 
@@ -113,7 +113,7 @@ def test_predict_records_it_in_the_metadata_and_is_reproducible(wide):
     meta = {p.key: p.value for p in a.model.metadata_props}
     record = json.loads(meta["ghn_onnx.for_training"])
     assert record["seed"] == 1 and record["noise"] == 0.01 and record["orthogonal_from"] == 0.0
-    assert record["orthogonalised"] == 2
+    assert record["orthogonalised"] == 1 and record["normalised_only"] is True  # conv1 (BN after it), not conv2
     assert "ghn_onnx.for_training" not in {p.key for p in plain.model.metadata_props}
     assert a.model.SerializeToString() == b.model.SerializeToString()
     assert a.model.SerializeToString() != plain.model.SerializeToString()
@@ -150,13 +150,18 @@ def test_cli_for_training_usage_errors_are_one_line(tmp_path, args):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_the_default_orthogonalises_and_leaves_no_copies(wide):
+def test_the_default_orthogonalises_normalised_layers_and_leaves_no_copies(wide):
+    """conv1 feeds bn1 and is orthogonalised; conv2 feeds a ReLU and the pooling, so it keeps its
+    predicted spectrum and only gets noise on its copies."""
     _, graph, pred = wide
     out, report = for_training(graph, pred)
-    assert report.orthogonalised == 2
-    # conv2 (160 x 1152) comes out without copies; conv1 (128 x 27) is tall, its polar factor keeps
-    # the copies (its rows are combinations of the weight's), and the noise separates them.
-    assert report.noised_tensors == 1 and report.noised_rows == len(repeated_rows(pred["conv1.weight"]))
+    assert report.orthogonalised == 1 and np.array_equal(
+        out["conv2.weight"][np.setdiff1d(np.arange(len(out["conv2.weight"])), repeated_rows(pred["conv2.weight"]))],
+        pred["conv2.weight"][np.setdiff1d(np.arange(len(pred["conv2.weight"])), repeated_rows(pred["conv2.weight"]))])
+    # conv1 (128 x 27) is tall: its polar factor keeps the copies (its rows are combinations of
+    # the weight's), and the noise separates them, as it does conv2's.
+    assert report.noised_tensors == 2 and report.noised_rows == (len(repeated_rows(pred["conv1.weight"]))
+                                                                 + len(repeated_rows(pred["conv2.weight"])))
     assert all(len(repeated_rows(out[k])) == 0 for k in ("conv1.weight", "conv2.weight"))
     assert np.array_equal(out["fc.weight"], pred["fc.weight"])
 
@@ -173,3 +178,17 @@ def test_cli_no_orthogonal_is_noise_only(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["ghn_onnx.for_training"])
     assert record["orthogonal_from"] is None and record["orthogonalised"] == 0
+
+
+def test_normalised_weights_follow_biases_and_weights_to_a_norm():
+    """A weight counts as normalised when everything its output reaches before any other node is
+    a bias, a further weight, or a BN / LN; a fork where one branch is not normalised is not."""
+    from ghn_onnx.graph.graph import Graph, Node
+    from ghn_onnx.graph.primitives import Primitive as P
+    from ghn_onnx.writeback.for_training import normalised_weights
+
+    kinds = [P.INPUT, P.CONV, P.BN, P.CONV, P.BIAS, P.CONV, P.LN, P.CONV, P.SUM, P.CONV, P.BN, P.SUM]
+    edges = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (2, 9), (9, 10), (9, 11), (10, 11)]
+    g = Graph([Node(k, f"n{i}") for i, k in enumerate(kinds)], edges)
+    # 1 -> BN; 3 -> bias -> 5 -> LN; 5 -> LN; 7 -> sum; 9 -> BN and -> sum (a fork)
+    assert normalised_weights(g) == {1, 3, 5}
