@@ -158,7 +158,9 @@ def _ghn_init(options: dict[str, float]) -> InitFn:
     return lambda net, data: load_parameters(net, data.predict(None))
 
 
-_FT_KEYS = {"noise": "noise", "ortho": "orthogonal_from", "seed": "seed", "normalised": "normalised_only"}
+# ghn-ft option → (ForTraining field, how its number is read)
+_FT_KEYS = {"noise": ("noise", float), "ortho": ("orthogonal_from", float), "seed": ("seed", int),
+            "normalised": ("normalised_only", bool)}
 
 
 @register_init("ghn-ft")
@@ -169,7 +171,7 @@ def _ghn_ft_init(options: dict[str, float]) -> InitFn:
     if unknown:
         raise FinetuneConfigError(f"init 'ghn-ft': expected options from {', '.join(_FT_KEYS)} "
                                   f"(got {', '.join(sorted(unknown))})")
-    kwargs = {_FT_KEYS[k]: (int(v) if k == "seed" else bool(v) if k == "normalised" else v) for k, v in options.items()}
+    kwargs = {_FT_KEYS[k][0]: _FT_KEYS[k][1](v) for k, v in options.items()}
     post = ForTraining(**kwargs)
     return lambda net, data: load_parameters(net, data.predict(post))
 
