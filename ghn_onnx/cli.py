@@ -816,7 +816,10 @@ def _finetune_bench_options(command: Callable) -> Callable:
                      help="Run the fine-tuning benchmark instead: every init x optimiser on the bench nets, lr "
                           "chosen on the validation split, curves on test (the sections above are skipped)."),
         click.option("--bench-generated", type=click.IntRange(min=0), default=8, show_default=True,
-                     help="Fine-tuning benchmark: first N held-out ID generated architectures."),
+                     help="Fine-tuning benchmark: N held-out ID generated architectures."),
+        click.option("--bench-generated-from", type=click.IntRange(min=0), default=0, show_default=True,
+                     metavar="INDEX", help="Fine-tuning benchmark: index of the first held-out architecture "
+                                           "(a long benchmark split into runs)."),
         click.option("--bench-models", default="resnet18,mobilenet_v2,efficientnet_b0", show_default=True,
                      help="Fine-tuning benchmark: torchvision models, 32x32 variants ('none': skip)."),
         click.option("--bench-inits", default="default,lsuv,ghn,ghn-ft", show_default=True,
@@ -837,7 +840,7 @@ def _finetune_bench_options(command: Callable) -> Callable:
     ]
 
     @functools.wraps(command)
-    def run(*args, finetune_bench, bench_generated, bench_models, bench_inits, bench_optimizers, bench_steps,
+    def run(*args, finetune_bench, bench_generated, bench_generated_from, bench_models, bench_inits, bench_optimizers, bench_steps,
             bench_select_steps, bench_lr_sgd, bench_lr_adamw, bench_val_images, **kwargs):
         if not finetune_bench:
             return command(*args, **kwargs)
@@ -853,7 +856,7 @@ def _finetune_bench_options(command: Callable) -> Callable:
             raise InputError(f"--bench-inits: expected a list of inits (got {bench_inits!r})")
         try:
             cfg = FinetuneConfig(
-                generated=bench_generated, torchvision=_eval_models(bench_models), inits=inits,
+                generated=bench_generated, generated_from=bench_generated_from, torchvision=_eval_models(bench_models), inits=inits,
                 optimizers=_bench_list("--bench-optimizers", bench_optimizers),
                 steps=_bench_list("--bench-steps", bench_steps, int), select_steps=bench_select_steps,
                 lr_grid={"sgd": _bench_list("--bench-lr-sgd", bench_lr_sgd, float),

@@ -141,6 +141,7 @@ def test_bad_init_specs_are_config_errors(spec):
 
 
 @pytest.mark.parametrize("override", [dict(optimizers=("sgd", "lion")), dict(steps=(0,)), dict(generated=201),
+                                      dict(generated=2, generated_from=199), dict(generated_from=-1),
                                       dict(torchvision=("vgg",)), dict(lr_grid={"sgd": (-1.0,)})])
 def test_bad_configs_are_one_line_errors(override):
     with pytest.raises(FinetuneConfigError):

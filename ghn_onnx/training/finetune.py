@@ -268,7 +268,8 @@ class FinetuneConfig:
     """What :func:`finetune_benchmark` runs. The defaults are the issue's full benchmark (a GPU's
     work: 11 networks x 4 inits x 2 optimisers x (4 x 100 + 1,000) steps)."""
 
-    generated: int = 8                  # first N held-out ID architectures
+    generated: int = 8                  # N held-out ID architectures ...
+    generated_from: int = 0             # ... from this index (a long benchmark split into runs)
     torchvision: tuple[str, ...] = ("resnet18", "mobilenet_v2", "efficientnet_b0")
     inits: tuple[str, ...] = ("default", "lsuv", "ghn", "ghn-ft")
     optimizers: tuple[str, ...] = ("sgd", "adamw")
@@ -289,8 +290,10 @@ class FinetuneConfig:
             if not ok:
                 raise FinetuneConfigError(what)
 
-        check(0 <= self.generated <= EVAL_SIZES["test"],
-              f"generated: expected 0..{EVAL_SIZES['test']} held-out nets (got {self.generated})")
+        check(0 <= self.generated and 0 <= self.generated_from
+              and self.generated_from + self.generated <= EVAL_SIZES["test"],
+              f"generated: expected held-out nets within 0..{EVAL_SIZES['test'] - 1} "
+              f"(got {self.generated} from index {self.generated_from})")
         for name in self.torchvision:
             check(name in TORCHVISION_MODELS,
                   f"expected torchvision models from {', '.join(TORCHVISION_MODELS)} (got {name!r})")
@@ -314,7 +317,7 @@ class FinetuneConfig:
 
 
 def bench_nets(ghn: GHN, cfg: FinetuneConfig) -> list[BenchNet]:
-    return ([generated_net(ghn, i, cfg.seed, cfg.device) for i in range(cfg.generated)]
+    return ([generated_net(ghn, i, cfg.seed, cfg.device) for i in range(cfg.generated_from, cfg.generated_from + cfg.generated)]
             + [torchvision_net(ghn, name, cfg.seed) for name in cfg.torchvision])
 
 
