@@ -213,6 +213,13 @@ def test_strings_that_are_not_utf8(tmp_path, name, expect):
     run_bad(path, expect=expect)
 
 
+def test_a_nested_string_that_is_not_utf8_is_named_by_its_path(tmp_path):
+    m = _conv_then(helper.make_node("Flatten", ["c"], ["f"], axis=1), helper.make_node("Relu", ["f"], ["y"]))
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(m.SerializeToString().replace(b"axis", b"\xffxis"))
+    run_bad(path, expect="graph.node[1].attribute[0].name = b'\\xffxis' is not valid UTF-8")
+
+
 def test_declared_sizes_over_the_element_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("GHN_ONNX_MAX_ELEMENTS", "100")
     line = run_bad(save(conv_model(), tmp_path / "m.onnx"), expect="declares 576 parameter elements")
