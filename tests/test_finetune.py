@@ -17,7 +17,7 @@ from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.training.datasets import ImageSet, normalize
 from ghn_onnx.training.evaluation import sgd_curve
 from ghn_onnx.training.finetune import (INITS, RECIPES, BenchNet, FinetuneConfig, FinetuneConfigError, InitData,
-                                        choose_lr, finetune_benchmark, format_finetune, generated_net,
+                                        choose_lr, finetune_benchmark, format_finetune, generated_net, merge_results,
                                         load_parameters, parse_init, targets, train_curve)
 from ghn_onnx.writeback.for_training import ForTraining, for_training
 
@@ -94,6 +94,25 @@ def test_benchmark_is_deterministic_and_reports_targets(splits):
     assert strip(a) == strip(b)
     assert set(a["targets"]["sgd"]) == {"2", "3"} and a["targets"]["sgd"]["3"]["nets"] == 1
     assert "| tiny | lsuv |" in format_finetune(a)
+
+
+def test_split_runs_merge_into_one_result_and_refuse_other_settings():
+    run = lambda acc: {"steps": [0, 100], "acc": [0.1, acc], "lr": 0.01}
+    cfg = {"optimizers": ["sgd"], "inits": ["default", "lsuv", "ghn-ft"], "generated": 1, "torchvision": [], "seed": 0}
+
+    def result(i, d, s, g, **meta):
+        return {"meta": {"config": {**cfg, "generated_from": i}, "seed": 0, "date": f"d{i}", "seconds": 10.0, **meta},
+                "nets": [{"net": f"test/{i}", "runs": {"sgd": {"default": run(d), "lsuv": run(s), "ghn-ft": run(g)}}}]}
+
+    a, b = result(0, 0.30, 0.35, 0.36), result(1, 0.40, 0.20, 0.38)
+    merged = merge_results([a, b])
+    assert [e["net"] for e in merged["nets"]] == ["test/0", "test/1"]
+    assert merged["meta"]["config"]["generated"] == 2 and merged["meta"]["seconds"] == 20.0
+    assert merged["targets"] == targets({"meta": {"config": cfg}, "nets": a["nets"] + b["nets"]})
+    with pytest.raises(FinetuneConfigError, match="share networks"):
+        merge_results([a, a])
+    with pytest.raises(FinetuneConfigError, match="differ in checkpoint_sha256"):
+        merge_results([result(0, 0.3, 0.3, 0.3, checkpoint_sha256="x"), result(1, 0.3, 0.3, 0.3, checkpoint_sha256="y")])
 
 
 def test_targets_compare_with_the_better_baseline():

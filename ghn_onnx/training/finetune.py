@@ -368,6 +368,41 @@ def finetune_benchmark(ghn: GHN, splits: dict[str, ImageSet], cfg: FinetuneConfi
     return out
 
 
+def merge_results(results: list[dict]) -> dict:
+    """One result from runs of the same benchmark split by network (``generated_from``): their
+    networks in order, ``targets`` recomputed over all of them, ``seconds`` summed.
+
+    Raises:
+        FinetuneConfigError: runs that differ in anything but their networks (inits, optimisers,
+            steps, grids, images, seed, checkpoint), or that share a network.
+    """
+    if not results:
+        raise FinetuneConfigError("expected at least one benchmark result to merge")
+    varying = {"generated", "generated_from", "torchvision"}
+
+    def setting(r: dict) -> dict:
+        meta = {k: v for k, v in r["meta"].items() if k not in ("config", "date", "seconds")}
+        return {**meta, "config": {k: v for k, v in r["meta"]["config"].items() if k not in varying}}
+
+    first = setting(results[0])
+    for r in results[1:]:
+        if setting(r) != first:
+            diff = sorted(k for k in {*first, *setting(r)} if first.get(k) != setting(r).get(k))
+            raise FinetuneConfigError(f"cannot merge benchmark runs that differ in {', '.join(diff)}")
+    nets = [e for r in results for e in r["nets"]]
+    names = [e["net"] for e in nets]
+    if len(set(names)) != len(names):
+        raise FinetuneConfigError(f"cannot merge benchmark runs that share networks ({', '.join(names)})")
+    meta = {**results[0]["meta"], "date": ", ".join(r["meta"]["date"] for r in results),
+            "seconds": sum(r["meta"]["seconds"] for r in results), "runs": len(results)}
+    meta["config"] = {**meta["config"], "generated": sum(r["meta"]["config"]["generated"] for r in results),
+                      "generated_from": min(r["meta"]["config"]["generated_from"] for r in results),
+                      "torchvision": [m for r in results for m in r["meta"]["config"]["torchvision"]]}
+    out = {"meta": meta, "nets": nets}
+    out["targets"] = targets(out)
+    return out
+
+
 def targets(result: dict, candidate: str = "ghn-ft", baselines: tuple[str, ...] = ("default", "lsuv")) -> dict:
     """Per optimiser and step count: on how many networks ``candidate`` is at least as accurate as
     the best of ``baselines``, and the mean gap (candidate - best baseline, points) with its
