@@ -864,6 +864,7 @@ def _finetune_bench_options(command: Callable) -> Callable:
                 val_images=bench_val_images, test_images=k["test_images"], seed=k["seed"],
                 device=_check_device(k["device"]))
             ghn, ckpt = _load_ghn(k["checkpoint"], cfg.device)
+            source = checkpoint_source(ckpt)  # now: the file may be replaced during a run of hours
             splits = load_cifar10(k["data"])
             import torch
 
@@ -875,7 +876,7 @@ def _finetune_bench_options(command: Callable) -> Callable:
                                             else (lambda m: click.echo(m, err=True)))
             finally:
                 torch.set_num_threads(threads)
-            result["meta"].update(checkpoint_source(ckpt))
+            result["meta"].update(source)
         except GhnOnnxError as exc:
             raise _user_error(exc) from None
         for path, write in ((k["out_path"], write_json), (k["plot_path"], plot_finetune)):
