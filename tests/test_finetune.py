@@ -104,10 +104,13 @@ def test_split_runs_merge_into_one_result_and_refuse_other_settings():
         return {"meta": {"config": {**cfg, "generated_from": i}, "seed": 0, "date": f"d{i}", "seconds": 10.0, **meta},
                 "nets": [{"net": f"test/{i}", "runs": {"sgd": {"default": run(d), "lsuv": run(s), "ghn-ft": run(g)}}}]}
 
-    a, b = result(0, 0.30, 0.35, 0.36), result(1, 0.40, 0.20, 0.38)
+    # the same checkpoint (sha256) at two paths, runs with notes: still one benchmark
+    a = result(0, 0.30, 0.35, 0.36, checkpoint="/a.safetensors", checkpoint_sha256="s")
+    b = result(1, 0.40, 0.20, 0.38, checkpoint="/b.safetensors", checkpoint_sha256="s", note="n")
     merged = merge_results([a, b])
     assert [e["net"] for e in merged["nets"]] == ["test/0", "test/1"]
     assert merged["meta"]["config"]["generated"] == 2 and merged["meta"]["seconds"] == 20.0
+    assert merged["meta"]["notes"] == ["n"] and merged["meta"]["checkpoint"] == ["/a.safetensors", "/b.safetensors"]
     assert merged["targets"] == targets({"meta": {"config": cfg}, "nets": a["nets"] + b["nets"]})
     with pytest.raises(FinetuneConfigError, match="share networks"):
         merge_results([a, a])

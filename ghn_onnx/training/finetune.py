@@ -379,9 +379,12 @@ def merge_results(results: list[dict]) -> dict:
     if not results:
         raise FinetuneConfigError("expected at least one benchmark result to merge")
     varying = {"generated", "generated_from", "torchvision"}
+    # Not settings: where the checkpoint file was (its sha256 is compared), how long and how many
+    # threads a run took, notes.
+    incidental = {"config", "date", "seconds", "checkpoint", "threads", "note", "notes", "runs"}
 
     def setting(r: dict) -> dict:
-        meta = {k: v for k, v in r["meta"].items() if k not in ("config", "date", "seconds")}
+        meta = {k: v for k, v in r["meta"].items() if k not in incidental}
         return {**meta, "config": {k: v for k, v in r["meta"]["config"].items() if k not in varying}}
 
     first = setting(results[0])
@@ -394,7 +397,10 @@ def merge_results(results: list[dict]) -> dict:
     if len(set(names)) != len(names):
         raise FinetuneConfigError(f"cannot merge benchmark runs that share networks ({', '.join(names)})")
     meta = {**results[0]["meta"], "date": ", ".join(r["meta"]["date"] for r in results),
-            "seconds": sum(r["meta"]["seconds"] for r in results), "runs": len(results)}
+            "seconds": sum(r["meta"]["seconds"] for r in results), "runs": len(results),
+            "checkpoint": sorted({str(r["meta"].get("checkpoint")) for r in results}),
+            "notes": [n for r in results for n in ([r["meta"]["note"]] if "note" in r["meta"] else [])]}
+    meta.pop("note", None)
     meta["config"] = {**meta["config"], "generated": sum(r["meta"]["config"]["generated"] for r in results),
                       "generated_from": min(r["meta"]["config"]["generated_from"] for r in results),
                       "torchvision": [m for r in results for m in r["meta"]["config"]["torchvision"]]}
