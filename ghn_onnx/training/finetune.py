@@ -396,7 +396,7 @@ def merge_results(results: list[dict]) -> dict:
     names = [e["net"] for e in nets]
     if len(set(names)) != len(names):
         raise FinetuneConfigError(f"cannot merge benchmark runs that share networks ({', '.join(names)})")
-    meta = {**results[0]["meta"], "date": ", ".join(r["meta"]["date"] for r in results),
+    meta = {**results[0]["meta"], "date": f"{results[0]['meta']['date']} to {results[-1]['meta']['date']}",
             "seconds": sum(r["meta"]["seconds"] for r in results), "runs": len(results),
             "checkpoint": sorted({str(r["meta"].get("checkpoint")) for r in results}),
             "notes": [n for r in results for n in ([r["meta"]["note"]] if "note" in r["meta"] else [])]}
