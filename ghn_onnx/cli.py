@@ -840,8 +840,8 @@ def _finetune_bench_options(command: Callable) -> Callable:
     ]
 
     @functools.wraps(command)
-    def run(*args, finetune_bench, bench_generated, bench_generated_from, bench_models, bench_inits, bench_optimizers, bench_steps,
-            bench_select_steps, bench_lr_sgd, bench_lr_adamw, bench_val_images, **kwargs):
+    def run(*args, finetune_bench, bench_generated, bench_generated_from, bench_models, bench_inits, bench_optimizers,
+            bench_steps, bench_select_steps, bench_lr_sgd, bench_lr_adamw, bench_val_images, **kwargs):
         if not finetune_bench:
             return command(*args, **kwargs)
         from ghn_onnx.training.datasets import load_cifar10
@@ -856,7 +856,8 @@ def _finetune_bench_options(command: Callable) -> Callable:
             raise InputError(f"--bench-inits: expected a list of inits (got {bench_inits!r})")
         try:
             cfg = FinetuneConfig(
-                generated=bench_generated, generated_from=bench_generated_from, torchvision=_eval_models(bench_models), inits=inits,
+                generated=bench_generated, generated_from=bench_generated_from,
+                torchvision=_eval_models(bench_models), inits=inits,
                 optimizers=_bench_list("--bench-optimizers", bench_optimizers),
                 steps=_bench_list("--bench-steps", bench_steps, int), select_steps=bench_select_steps,
                 lr_grid={"sgd": _bench_list("--bench-lr-sgd", bench_lr_sgd, float),

@@ -317,7 +317,8 @@ class FinetuneConfig:
 
 
 def bench_nets(ghn: GHN, cfg: FinetuneConfig) -> list[BenchNet]:
-    return ([generated_net(ghn, i, cfg.seed, cfg.device) for i in range(cfg.generated_from, cfg.generated_from + cfg.generated)]
+    indices = range(cfg.generated_from, cfg.generated_from + cfg.generated)
+    return ([generated_net(ghn, i, cfg.seed, cfg.device) for i in indices]
             + [torchvision_net(ghn, name, cfg.seed) for name in cfg.torchvision])
 
 
@@ -388,9 +389,9 @@ def merge_results(results: list[dict]) -> dict:
         return {**meta, "config": {k: v for k, v in r["meta"]["config"].items() if k not in varying}}
 
     first = setting(results[0])
-    for r in results[1:]:
-        if setting(r) != first:
-            diff = sorted(k for k in {*first, *setting(r)} if first.get(k) != setting(r).get(k))
+    for other in map(setting, results[1:]):
+        if other != first:
+            diff = sorted(k for k in {*first, *other} if first.get(k) != other.get(k))
             raise FinetuneConfigError(f"cannot merge benchmark runs that differ in {', '.join(diff)}")
     nets = [e for r in results for e in r["nets"]]
     names = [e["net"] for e in nets]
@@ -399,7 +400,7 @@ def merge_results(results: list[dict]) -> dict:
     meta = {**results[0]["meta"], "date": f"{results[0]['meta']['date']} to {results[-1]['meta']['date']}",
             "seconds": sum(r["meta"]["seconds"] for r in results), "runs": len(results),
             "checkpoint": sorted({str(r["meta"].get("checkpoint")) for r in results}),
-            "notes": [n for r in results for n in ([r["meta"]["note"]] if "note" in r["meta"] else [])]}
+            "notes": [r["meta"]["note"] for r in results if "note" in r["meta"]]}
     meta.pop("note", None)
     meta["config"] = {**meta["config"], "generated": sum(r["meta"]["config"]["generated"] for r in results),
                       "generated_from": min(r["meta"]["config"]["generated_from"] for r in results),
