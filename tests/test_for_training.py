@@ -192,3 +192,53 @@ def test_normalised_weights_follow_biases_and_weights_to_a_norm():
     g = Graph([Node(k, f"n{i}") for i, k in enumerate(kinds)], edges)
     # 1 -> BN; 3 -> bias -> 5 -> LN; 5 -> LN; 7 -> sum; 9 -> BN and -> sum (a fork)
     assert normalised_weights(g) == {1, 3, 5}
+
+
+def test_rescale_restores_the_init_norm_and_keeps_what_batch_statistics_compute(wide):
+    """conv1 feeds bn1: rescaled with its bias to E‖W_init‖ = sqrt(numel / (3 fan_in)), and the
+    network in train mode (batch statistics) computes the same; conv2 (ReLU after it) and the
+    classifier are not touched."""
+    _, graph, pred = wide
+    out, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=None, rescale=True))
+    w = pred["conv1.weight"]
+    factor = np.sqrt(w.size / (3 * np.prod(w.shape[1:]))) / np.linalg.norm(w)
+    assert report.rescaled == 1 and abs(factor - 1) > 0.05  # the prediction is not at the init's norm
+    np.testing.assert_allclose(out["conv1.weight"], w * factor, rtol=1e-6)
+    np.testing.assert_allclose(out["conv1.bias"], pred["conv1.bias"] * factor, rtol=1e-6)
+    assert all(np.array_equal(out[k], pred[k]) for k in pred if not k.startswith("conv1."))
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    logits = []
+    for values in (pred, out):
+        torch.manual_seed(0)
+        net = Wide().train()
+        net.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in values.items()},
+                            strict=False)
+        with torch.no_grad():
+            logits.append(net(x))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    record = json.loads(report.metadata()["for_training"])
+    assert record["rescale"] is True and record["rescaled"] == 1
+
+
+def test_perturb_mixes_in_a_seeded_default_init_draw_at_the_weight_norm(wide):
+    """perturb=p: W <- (1-p) W + p R, R a draw of W's default init scaled to ‖W‖, seeded per
+    tensor; the classifier, norms and biases stay as predicted."""
+    _, graph, pred = wide
+    post = ForTraining(noise=0.0, orthogonal_from=None, perturb=0.5)
+    out, report = for_training(graph, pred, post)
+    again, _ = for_training(graph, pred, post)
+    other, _ = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=None, perturb=0.5, seed=1))
+    assert report.perturbed == 2  # conv1, conv2; not fc
+    for k in ("conv1.weight", "conv2.weight"):
+        w, r = pred[k], (out[k] - 0.5 * pred[k]) / 0.5
+        np.testing.assert_allclose(np.linalg.norm(r), np.linalg.norm(w), rtol=1e-4)
+        bound = np.sqrt(3) * np.linalg.norm(w) / np.sqrt(w.size)  # a uniform draw at that norm
+        assert np.abs(r).max() <= bound * 1.05 and abs(np.corrcoef(r.ravel(), w.ravel())[0, 1]) < 0.1
+        assert np.array_equal(out[k], again[k]) and not np.array_equal(out[k], other[k])
+    assert all(np.array_equal(out[k], pred[k]) for k in pred if k not in ("conv1.weight", "conv2.weight"))
+
+
+@pytest.mark.parametrize("perturb", [-0.1, 1.5, float("nan")])
+def test_perturb_out_of_range_is_refused(perturb):
+    with pytest.raises(GhnOnnxError):
+        ForTraining(perturb=perturb)

@@ -44,6 +44,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ghn_onnx.errors import GhnOnnxError
+from ghn_onnx.graph.default_init import ReferenceInit, reference_init, sample_init
 from ghn_onnx.graph.graph import Graph, Node, ParamRef
 from ghn_onnx.graph.primitives import Primitive
 from ghn_onnx.onnx_io.loading import load_model
@@ -53,7 +54,6 @@ from ghn_onnx.writeback.write import METADATA_PREFIX, resolve_shared
 
 SCHEMA = "ghn-onnx.explain/1"
 PREDICTED_KEY = "ghn_onnx.predicted_tensors"
-POS_ENC_STD = 0.02  # torchvision's ViT: pos_embedding ~ N(0, 0.02²)
 # Effective rank from the Gram matrix of the smaller side; beyond this side it is not computed.
 MAX_RANK_SIDE = 4096
 # Ops whose output holds channels on axis 1 (NCHW); other layers' units are on the last axis.
@@ -62,18 +62,6 @@ CHANNEL_FIRST_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "I
 # Ops a parameter may pass through before the layer that uses it (layout and dtype only).
 PASS_THROUGH_OPS = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
                               "CastLike"})
-
-
-@dataclass(frozen=True)
-class ReferenceInit:
-    """PyTorch's default init of a layer, the baseline a prediction is compared with.
-
-    ``description`` names it; ``rms`` is the root mean square of one element (``None`` when it
-    is zero or unknown, then no norm ratio); ``fan_in`` the layer's, when it has one."""
-
-    description: str
-    rms: float | None
-    fan_in: int | None = None
 
 
 @dataclass(frozen=True)
@@ -222,38 +210,6 @@ def predicted_names(model: onnx.ModelProto) -> set[str]:
         return set(json.loads(value)["names"])
     except (ValueError, KeyError, TypeError):
         raise GhnOnnxError(f"{PREDICTED_KEY} metadata is not what ghn-onnx writes ({value[:60]!r})") from None
-
-
-def reference_init(graph: Graph, index: int, ref: ParamRef) -> ReferenceInit:
-    """PyTorch's default init of the tensor ``ref`` of node ``index`` (module docstring)."""
-    node = graph.nodes[index]
-    shape = ref.canonical_shape
-    if node.primitive is Primitive.POS_ENC:
-        return ReferenceInit(f"normal(0, {POS_ENC_STD})", POS_ENC_STD)
-    if ref.role == "scale":
-        return ReferenceInit("ones", 1.0)
-    if ref.role == "weight":
-        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-        return ReferenceInit("kaiming_uniform(a=sqrt(5))", 1.0 / math.sqrt(3 * fan_in), fan_in)
-    if node.primitive is Primitive.BIAS:  # a layer's bias follows its weight node (convert.rules)
-        prev = graph.nodes[index - 1] if index else None
-        if prev is not None and prev.params and prev.params[0].role == "weight" \
-                and prev.params[0].canonical_shape[0] == math.prod(shape):
-            fan_in = math.prod(prev.params[0].canonical_shape[1:])
-            return ReferenceInit("uniform(±1/sqrt(fan_in))", 1.0 / math.sqrt(3 * fan_in), fan_in)
-    return ReferenceInit("zeros", None)
-
-
-def sample_init(init: ReferenceInit, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """A canonical-shape float64 draw of ``init``."""
-    if init.description == "ones":
-        return np.ones(shape)
-    if init.rms is None:
-        return np.zeros(shape)
-    if init.description.startswith("normal"):
-        return rng.normal(0.0, init.rms, size=shape)
-    bound = init.rms * math.sqrt(3.0)  # U(-b, b) has rms b/sqrt(3)
-    return rng.uniform(-bound, bound, size=shape)
 
 
 # -- statistics of one tensor ----------------------------------------------------------------------

@@ -159,14 +159,15 @@ def _ghn_init(options: dict[str, float]) -> InitFn:
 
 
 # ghn-ft option → (ForTraining field, how its number is read)
-_FT_KEYS = {"noise": ("noise", float), "ortho": ("orthogonal_from", float), "seed": ("seed", int),
-            "normalised": ("normalised_only", bool)}
+_FT_KEYS = {"noise": ("noise", float), "ortho": ("orthogonal_from", lambda v: None if v < 0 else float(v)),
+            "seed": ("seed", int), "normalised": ("normalised_only", bool), "rescale": ("rescale", bool)}
 
 
 @register_init("ghn-ft")
 def _ghn_ft_init(options: dict[str, float]) -> InitFn:
     """The GHN's prediction post-processed for fine-tuning (``predict --for-training``):
-    :class:`ForTraining` defaults, or ``ghn-ft:noise=0.1,ortho=0.5,seed=1``."""
+    :class:`ForTraining` defaults, or ``ghn-ft:noise=0.1,ortho=0.5,seed=1,rescale=1,normalised=0``
+    (``ortho=-1``: no orthogonalisation)."""
     unknown = set(options) - set(_FT_KEYS)
     if unknown:
         raise FinetuneConfigError(f"init 'ghn-ft': expected options from {', '.join(_FT_KEYS)} "

@@ -47,7 +47,8 @@ import numpy as np
 
 from ghn_onnx.errors import GhnOnnxError
 from ghn_onnx.ghn.decode.rules import classifier_nodes
-from ghn_onnx.graph.graph import Graph
+from ghn_onnx.graph.default_init import reference_init, sample_init
+from ghn_onnx.graph.graph import Graph, ParamRef
 from ghn_onnx.graph.primitives import NORM_PRIMITIVES, WEIGHT_PRIMITIVES, Primitive
 
 METADATA_KEY = "for_training"
@@ -68,34 +69,49 @@ class ForTraining:
             normalisation after it, the flattened spectrum of an orthogonalised weight shrinks
             the signal along the directions its input actually has, layer after layer
             (a BN-free held-out network stopped training at chance, RESULTS.md).
+        rescale: scale each normalised weight (the same set), and the bias right after it, to the
+            Frobenius norm its PyTorch default init has in expectation
+            (:func:`~ghn_onnx.graph.default_init.reference_init`). Normalisation with batch
+            statistics cancels a positive scale of what feeds it, so the network computes the same
+            function, but SGD's effective step on a scale-invariant weight goes as ``lr / ‖W‖²``:
+            predicted weights at a fraction of the init's norm take steps many times larger than
+            the norm scales, biases and classifier beside them, and a learning rate that suits
+            those wrecks the predicted features.
     """
 
     noise: float = 1e-2
     orthogonal_from: float | None = 0.0
     seed: int = 0
     normalised_only: bool = True
+    rescale: bool = False
+    perturb: float = 0.0
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.noise) and self.noise >= 0):
             raise GhnOnnxError(f"for_training noise: expected a finite value >= 0 (got {self.noise})")
         if self.orthogonal_from is not None and not 0.0 <= self.orthogonal_from <= 1.0:
             raise GhnOnnxError(f"for_training orthogonal_from: expected 0..1 (got {self.orthogonal_from})")
+        if not (np.isfinite(self.perturb) and 0.0 <= self.perturb <= 1.0):
+            raise GhnOnnxError(f"for_training perturb: expected 0..1 (got {self.perturb})")
 
 
 @dataclass(frozen=True)
 class ForTrainingReport:
     """What :func:`for_training` changed: tensors with repeated rows that got noise, how many rows
-    in all, and the tensors orthogonalised."""
+    in all, the tensors orthogonalised and the weights rescaled."""
 
     options: ForTraining
     noised_tensors: int
     noised_rows: int
     orthogonalised: int
+    rescaled: int = 0
+    perturbed: int = 0
 
     def metadata(self) -> dict[str, str]:
         """The ``ghn_onnx.for_training`` entry written into the output model."""
         return {METADATA_KEY: json.dumps({**asdict(self.options), "noised_tensors": self.noised_tensors,
-                                          "noised_rows": self.noised_rows, "orthogonalised": self.orthogonalised},
+                                          "noised_rows": self.noised_rows, "orthogonalised": self.orthogonalised,
+                                          "rescaled": self.rescaled, "perturbed": self.perturbed},
                                          sort_keys=True)}
 
 
@@ -154,16 +170,34 @@ def for_training(graph: Graph, predictions: Mapping[str, np.ndarray],
     cls_w, _ = classifier_nodes(graph)
     weights = [i for i, n in enumerate(graph.nodes) if n.primitive in WEIGHT_PRIMITIVES and i != cls_w]
     ortho_start = None if options.orthogonal_from is None else options.orthogonal_from * len(weights)
-    normalised = normalised_weights(graph) if options.normalised_only else set(weights)
-    noised_tensors = noised_rows = orthogonalised = 0
+    normalised = normalised_weights(graph) if options.normalised_only or options.rescale else set(weights)
+    ortho_set = normalised if options.normalised_only else set(weights)
+    noised_tensors = noised_rows = orthogonalised = rescaled = perturbed = 0
     for depth, i in enumerate(weights):
         for ref in graph.nodes[i].params:
             value = out.get(ref.tensor)
             if value is None or value.ndim < 2:
                 continue
-            if ortho_start is not None and depth >= ortho_start and i in normalised:
+            if ortho_start is not None and depth >= ortho_start and i in ortho_set:
                 value = nearest_orthogonal(value)
                 orthogonalised += 1
+            if options.rescale and i in normalised and ref.role == "weight":
+                factor = _init_norm_factor(graph, i, ref, value)
+                if factor is not None:
+                    value = value * value.dtype.type(factor)
+                    rescaled += 1
+                    bias = _bias_after(graph, i)
+                    if bias is not None and bias.tensor in out:
+                        out[bias.tensor] = out[bias.tensor] * out[bias.tensor].dtype.type(factor)
+            if options.perturb > 0 and ref.role == "weight":
+                init = reference_init(graph, i, ref)
+                norm = float(np.linalg.norm(value))
+                if init.rms is not None and norm > 0:
+                    rng = np.random.default_rng([options.seed, zlib.crc32(ref.tensor.encode()), 1])
+                    fresh = sample_init(init, value.shape, rng)
+                    fresh *= norm / max(float(np.linalg.norm(fresh)), np.finfo(np.float64).tiny)
+                    value = ((1 - options.perturb) * value + options.perturb * fresh).astype(value.dtype)
+                    perturbed += 1
             rows = repeated_rows(value) if options.noise > 0 else np.empty(0, dtype=np.int64)
             if len(rows):
                 rng = np.random.default_rng([options.seed, zlib.crc32(ref.tensor.encode())])
@@ -174,4 +208,24 @@ def for_training(graph: Graph, predictions: Mapping[str, np.ndarray],
                 noised_tensors += 1
                 noised_rows += len(rows)
             out[ref.tensor] = value
-    return out, ForTrainingReport(options, noised_tensors, noised_rows, orthogonalised)
+    return out, ForTrainingReport(options, noised_tensors, noised_rows, orthogonalised, rescaled, perturbed)
+
+
+def _init_norm_factor(graph: Graph, index: int, ref: ParamRef, value: np.ndarray) -> float | None:
+    """What scales ``value`` to its default init's expected Frobenius norm; None for a zero tensor."""
+    init = reference_init(graph, index, ref)
+    norm = float(np.linalg.norm(value.astype(np.float64)))
+    if init.rms is None or not norm > 0 or not np.isfinite(norm):
+        return None
+    return init.rms * float(np.sqrt(value.size)) / norm
+
+
+def _bias_after(graph: Graph, index: int) -> ParamRef | None:
+    """The bias of the layer whose weight is node ``index`` (a layer's bias node follows its
+    weight node and reads it, :mod:`ghn_onnx.convert.rules`)."""
+    nxt = index + 1
+    if nxt >= len(graph.nodes) or graph.nodes[nxt].primitive is not Primitive.BIAS or not graph.nodes[nxt].params:
+        return None
+    if not np.any((graph.edges[:, 0] == index) & (graph.edges[:, 1] == nxt)):
+        return None
+    return graph.nodes[nxt].params[0]
