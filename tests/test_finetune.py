@@ -5,6 +5,7 @@ recipe is GHN-2's ``sgd_curve``, and the GHN inits go through ``for_training``."
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -116,6 +117,44 @@ def test_split_runs_merge_into_one_result_and_refuse_other_settings():
         merge_results([a, a])
     with pytest.raises(FinetuneConfigError, match="differ in checkpoint_sha256"):
         merge_results([result(0, 0.3, 0.3, 0.3, checkpoint_sha256="x"), result(1, 0.3, 0.3, 0.3, checkpoint_sha256="y")])
+
+
+def test_runs_split_by_init_merge_and_baselines_need_no_checkpoint():
+    """default / lsuv do not read the GHN: a run of them merges with a ghn-ft run from another
+    checkpoint (the merged checkpoint is the GHN run's); two GHN runs from different checkpoints,
+    one cell measured twice, or one ghn-ft spec meaning two post-processings do not merge."""
+    run = lambda acc: {"steps": [0, 100], "acc": [0.1, acc], "lr": 0.01}
+
+    def result(inits, accs, sha, **meta):
+        cfg = {"optimizers": ["sgd"], "inits": inits, "generated": 2, "generated_from": 0, "torchvision": []}
+        return {"meta": {"config": cfg, "date": "d", "seconds": 5.0, "checkpoint_sha256": sha, "trained_steps": sha,
+                         **meta},
+                "nets": [{"net": f"test/{i}", "params": 7, "runs": {"sgd": {s: run(a) for s, a in zip(inits, acc)}}}
+                         for i, acc in enumerate(accs)]}
+
+    base = result(["default", "lsuv"], [(0.30, 0.35), (0.40, 0.20)], "old")
+    new = result(["ghn-ft"], [(0.36,), (0.38,)], "new", post_processing={"ghn-ft": {"rescale": True}})
+    merged = merge_results([base, new])
+    assert merged["meta"]["config"]["inits"] == ["default", "lsuv", "ghn-ft"]
+    assert merged["meta"]["checkpoint_sha256"] == "new" and merged["meta"]["trained_steps"] == "new"
+    assert merged["meta"]["post_processing"] == {"ghn-ft": {"rescale": True}}
+    assert [sorted(e["runs"]["sgd"]) for e in merged["nets"]] == [["default", "ghn-ft", "lsuv"]] * 2
+    t = merged["targets"]["sgd"]["100"]
+    assert (t["at_least_as_good"], t["nets"]) == (1, 2)
+    with pytest.raises(FinetuneConfigError, match="GHN inits that differ in checkpoint_sha256"):
+        merge_results([result(["ghn"], [(0.3,), (0.3,)], "a"), new])
+    with pytest.raises(FinetuneConfigError, match="share networks and inits"):
+        merge_results([base, base])
+    with pytest.raises(FinetuneConfigError, match="different post-processing"):
+        merge_results([new, result(["ghn"], [(0.3,), (0.3,)], "new", post_processing={"ghn-ft": {"rescale": False}})])
+
+
+def test_the_benchmark_records_what_each_ghn_ft_spec_resolved_to(splits):
+    cfg = FinetuneConfig(**{**CFG, "inits": ("ghn-ft", "ghn-ft:rescale=1,ortho=-1")})
+    meta = finetune_benchmark(_FakeGhn(), splits, cfg, nets=[_tiny_bench()])["meta"]
+    assert meta["post_processing"]["ghn-ft"] == dataclasses.asdict(ForTraining())
+    assert meta["post_processing"]["ghn-ft:rescale=1,ortho=-1"] == dataclasses.asdict(
+        ForTraining(rescale=True, orthogonal_from=None))
 
 
 def test_targets_compare_with_the_better_baseline():

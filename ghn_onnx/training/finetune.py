@@ -113,6 +113,8 @@ class InitData:
 InitFn = Callable[[nn.Module, InitData], None]
 #: name -> factory(options) -> function(net, data) that initialises ``net`` in place.
 INITS: dict[str, Callable[[dict[str, float]], InitFn]] = {}
+#: Inits that never read the GHN: their results do not depend on the checkpoint.
+GHN_FREE_INITS = frozenset({"default", "lsuv"})
 
 
 def register_init(name: str):
@@ -168,20 +170,27 @@ def _ghn_ft_init(options: dict[str, float]) -> InitFn:
     """The GHN's prediction post-processed for fine-tuning (``predict --for-training``):
     :class:`ForTraining` defaults, or ``ghn-ft:noise=0.1,ortho=0.5,seed=1,rescale=1,normalised=0``
     (``ortho=-1``: no orthogonalisation)."""
+    post = ft_options(options)
+    return lambda net, data: load_parameters(net, data.predict(post))
+
+
+def ft_options(options: dict[str, float]) -> ForTraining:
+    """The :class:`ForTraining` a ``ghn-ft`` spec's options give."""
     unknown = set(options) - set(_FT_KEYS)
     if unknown:
         raise FinetuneConfigError(f"init 'ghn-ft': expected options from {', '.join(_FT_KEYS)} "
                                   f"(got {', '.join(sorted(unknown))})")
-    kwargs = {_FT_KEYS[k][0]: _FT_KEYS[k][1](v) for k, v in options.items()}
-    post = ForTraining(**kwargs)
-    return lambda net, data: load_parameters(net, data.predict(post))
+    try:
+        return ForTraining(**{_FT_KEYS[k][0]: _FT_KEYS[k][1](v) for k, v in options.items()})
+    except GhnOnnxError as exc:
+        raise FinetuneConfigError(f"init 'ghn-ft': {exc}") from None
 
 
-def parse_init(spec: str) -> InitFn:
-    """``name`` or ``name:key=value,...`` (see :data:`INITS`) -> the init function.
+def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``name:key=value,...`` -> ``(name, {key: value})``.
 
     Raises:
-        FinetuneConfigError: an unknown name, option or value.
+        FinetuneConfigError: an unknown name or an option that is not ``key=number``.
     """
     name, _, rest = spec.partition(":")
     if name not in INITS:
@@ -195,6 +204,16 @@ def parse_init(spec: str) -> InitFn:
             eq = ""
         if not eq:
             raise FinetuneConfigError(f"init {spec!r}: expected key=number options (got {item!r})")
+    return name, options
+
+
+def parse_init(spec: str) -> InitFn:
+    """``name`` or ``name:key=value,...`` (see :data:`INITS`) -> the init function.
+
+    Raises:
+        FinetuneConfigError: an unknown name, option or value.
+    """
+    name, options = parse_spec(spec)
     return INITS[name](options)
 
 
@@ -365,25 +384,41 @@ def finetune_benchmark(ghn: GHN, splits: dict[str, ImageSet], cfg: FinetuneConfi
                     "bn": "batch statistics of each test batch of 64", "threads": torch.get_num_threads(),
                     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
            "nets": results}
+    post = {spec: asdict(ft_options(o)) for spec, (name, o) in ((s, parse_spec(s)) for s in cfg.inits)
+            if name == "ghn-ft"}
+    if post:  # what each ghn-ft spec meant when it ran: the ForTraining defaults change with versions
+        out["meta"]["post_processing"] = post
     out["targets"] = targets(out)
     out["meta"]["seconds"] = time.perf_counter() - t_start
     return out
 
 
+#: What ``eval --finetune-bench`` records of its checkpoint (``checkpoint_source``).
+CHECKPOINT_FIELDS = frozenset({"checkpoint", "checkpoint_sha256", "images_seen", "trained_steps", "format", "source"})
+
+
 def merge_results(results: list[dict]) -> dict:
-    """One result from runs of the same benchmark split by network (``generated_from``): their
-    networks in order, ``targets`` recomputed over all of them, ``seconds`` summed.
+    """One result from runs of the same benchmark split by network (``generated_from``) or by
+    init: every (network, optimiser, init) cell from the one run that has it, networks and inits
+    in the order they first appear, ``targets`` recomputed, ``seconds`` summed.
+
+    Inits that do not read the GHN (:data:`GHN_FREE_INITS`: default, lsuv) do not depend on the
+    checkpoint, so a run of them merges with runs of GHN inits from any checkpoint: a better
+    checkpoint is re-measured without re-running its baselines. Runs of GHN inits must share the
+    checkpoint (sha256), and a ``ghn-ft`` spec its resolved post-processing where recorded.
 
     Raises:
-        FinetuneConfigError: runs that differ in anything but their networks (inits, optimisers,
-            steps, grids, images, seed, checkpoint), or that share a network.
+        FinetuneConfigError: runs that differ in anything but their networks and inits
+            (optimisers, steps, grids, images, seed), runs of GHN inits from different checkpoints,
+            or two runs of the same cell.
     """
     if not results:
         raise FinetuneConfigError("expected at least one benchmark result to merge")
-    varying = {"generated", "generated_from", "torchvision"}
-    # Not settings: where the checkpoint file was (its sha256 is compared), how long and how many
-    # threads a run took, notes.
-    incidental = {"config", "date", "seconds", "checkpoint", "threads", "note", "notes", "runs"}
+    varying = {"generated", "generated_from", "torchvision", "inits"}
+    # Not settings: how long and how many threads a run took, notes, what post-processing each
+    # ghn-ft spec resolved to (compared per spec below), the checkpoint (compared where it matters).
+    incidental = {"config", "date", "seconds", "threads", "note", "notes", "runs", "post_processing",
+                  *CHECKPOINT_FIELDS}
 
     def setting(r: dict) -> dict:
         meta = {k: v for k, v in r["meta"].items() if k not in incidental}
@@ -394,21 +429,48 @@ def merge_results(results: list[dict]) -> dict:
         if other != first:
             diff = sorted(k for k in {*first, *other} if first.get(k) != other.get(k))
             raise FinetuneConfigError(f"cannot merge benchmark runs that differ in {', '.join(diff)}")
-    nets = [e for r in results for e in r["nets"]]
-    names = [e["net"] for e in nets]
-    if len(set(names)) != len(names):
-        raise FinetuneConfigError(f"cannot merge benchmark runs that share networks ({', '.join(names)})")
-    meta = {**results[0]["meta"], "date": f"{results[0]['meta']['date']} to {results[-1]['meta']['date']}",
+    uses_ghn = [r for r in results if any(_init_name(s) not in GHN_FREE_INITS for s in r["meta"]["config"]["inits"])]
+    for key in ("checkpoint_sha256", "trained_steps"):
+        if len({str(r["meta"].get(key)) for r in uses_ghn}) > 1:
+            raise FinetuneConfigError(f"cannot merge benchmark runs of GHN inits that differ in {key}")
+    post: dict = {}
+    for r in results:
+        for spec, options in r["meta"].get("post_processing", {}).items():
+            if post.setdefault(spec, options) != options:
+                raise FinetuneConfigError(f"cannot merge benchmark runs whose {spec!r} is different post-processing")
+    nets: dict[str, dict] = {}
+    for r in results:
+        for e in r["nets"]:
+            entry = nets.setdefault(e["net"], {**{k: v for k, v in e.items() if k != "runs"}, "runs": {}})
+            for opt, by_init in e["runs"].items():
+                cells = entry["runs"].setdefault(opt, {})
+                for spec, run in by_init.items():
+                    if spec in cells:
+                        raise FinetuneConfigError(f"cannot merge benchmark runs that share networks and inits "
+                                                  f"({e['net']} {opt} {spec})")
+                    cells[spec] = run
+    source = (uses_ghn or results)[0]["meta"]
+    meta = {**results[0]["meta"], **{k: source[k] for k in CHECKPOINT_FIELDS if k in source},
+            "date": f"{results[0]['meta']['date']} to {results[-1]['meta']['date']}",
             "seconds": sum(r["meta"]["seconds"] for r in results), "runs": len(results),
             "checkpoint": sorted({str(r["meta"].get("checkpoint")) for r in results}),
             "notes": [r["meta"]["note"] for r in results if "note" in r["meta"]]}
     meta.pop("note", None)
-    meta["config"] = {**meta["config"], "generated": sum(r["meta"]["config"]["generated"] for r in results),
-                      "generated_from": min(r["meta"]["config"]["generated_from"] for r in results),
-                      "torchvision": [m for r in results for m in r["meta"]["config"]["torchvision"]]}
-    out = {"meta": meta, "nets": nets}
+    if post:
+        meta["post_processing"] = post
+    configs = [r["meta"]["config"] for r in results]
+    generated = sorted({int(n.split("/")[1]) for n in nets if n.startswith("test/")})
+    meta["config"] = {**meta["config"], "generated": len(generated),
+                      "generated_from": generated[0] if generated else min(c["generated_from"] for c in configs),
+                      "torchvision": list(dict.fromkeys(m for c in configs for m in c["torchvision"])),
+                      "inits": list(dict.fromkeys(s for c in configs for s in c["inits"]))}
+    out = {"meta": meta, "nets": list(nets.values())}
     out["targets"] = targets(out)
     return out
+
+
+def _init_name(spec: str) -> str:
+    return spec.partition(":")[0]
 
 
 def targets(result: dict, candidate: str = "ghn-ft", baselines: tuple[str, ...] = ("default", "lsuv")) -> dict:
