@@ -49,7 +49,7 @@ def test_repeated_rows_are_exact_repeats_after_the_first():
 def test_tiled_rows_get_noise_and_nothing_else_changes(wide):
     _, graph, pred = wide
     before = {k: v.copy() for k, v in pred.items()}
-    out, report = for_training(graph, pred, ForTraining(noise=0.01, orthogonal_from=None))
+    out, report = for_training(graph, pred, ForTraining(noise=0.01, orthogonal_from=None, rescale=False))
     assert all(np.array_equal(pred[k], before[k]) for k in pred)  # inputs not modified
     cls_w, cls_b = classifier_nodes(graph)
     cls = {p.tensor for i in (cls_w, cls_b) if i is not None for p in graph.nodes[i].params}
@@ -82,7 +82,7 @@ def test_deterministic_and_seeded_per_tensor(wide):
 
 def test_orthogonalisation_keeps_the_norm_and_spares_the_classifier(wide):
     _, graph, pred = wide
-    out, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.0, normalised_only=False))
+    out, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.0, normalised_only=False, rescale=False))
     assert report.orthogonalised == 2 and report.noised_rows == 0
     for k in ("conv1.weight", "conv2.weight"):
         w = out[k].reshape(len(out[k]), -1).astype(np.float64)
@@ -90,7 +90,7 @@ def test_orthogonalisation_keeps_the_norm_and_spares_the_classifier(wide):
         s = np.linalg.svd(w, compute_uv=False)
         assert s.max() / s.min() < 1.0001  # all singular values equal: (semi-)orthogonal
     assert np.array_equal(out["fc.weight"], pred["fc.weight"])
-    deeper, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.5, normalised_only=False))
+    deeper, report = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=0.5, normalised_only=False, rescale=False))
     assert report.orthogonalised == 1 and np.array_equal(deeper["conv1.weight"], pred["conv1.weight"])
 
 
@@ -224,10 +224,10 @@ def test_perturb_mixes_in_a_seeded_default_init_draw_at_the_weight_norm(wide):
     """perturb=p: W <- (1-p) W + p R, R a draw of W's default init scaled to ‖W‖, seeded per
     tensor; the classifier, norms and biases stay as predicted."""
     _, graph, pred = wide
-    post = ForTraining(noise=0.0, orthogonal_from=None, perturb=0.5)
+    post = ForTraining(noise=0.0, orthogonal_from=None, perturb=0.5, rescale=False)
     out, report = for_training(graph, pred, post)
     again, _ = for_training(graph, pred, post)
-    other, _ = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=None, perturb=0.5, seed=1))
+    other, _ = for_training(graph, pred, ForTraining(noise=0.0, orthogonal_from=None, perturb=0.5, seed=1, rescale=False))
     assert report.perturbed == 2  # conv1, conv2; not fc
     for k in ("conv1.weight", "conv2.weight"):
         w, r = pred[k], (out[k] - 0.5 * pred[k]) / 0.5

@@ -20,6 +20,18 @@ Its Architecture", Knyazev 2022: predicted parameters "lack the diversity necess
   output row (channel) that exactly repeats an earlier one gets Gaussian noise of standard deviation ``noise × std(W)``
   (the spread of the predicted tensor); the first copy stays as predicted, so a layer without
   repeats is unchanged. The classifier is never touched: its rows are the class heads.
+* **rescaling** (``rescale``): each normalised weight (the set orthogonalisation uses), with the
+  bias right after it, scaled to the Frobenius norm its PyTorch default init has in expectation
+  (:mod:`ghn_onnx.graph.default_init`). A normalisation with batch statistics cancels a positive
+  scale of what feeds it, so the function is unchanged; what changes is SGD's step: on a
+  scale-invariant weight its effective size goes as ``lr / ‖W‖²``, and the GHN predicts such
+  weights at 0.3-0.8 of the init's norm (a held-out generated net, 2026-12-04), i.e. steps 2-10x
+  larger than the norm scales, biases and classifier beside them receive at the same learning
+  rate.
+* **perturbation** (``perturb = p``): every conv / linear weight but the classifier becomes
+  ``(1 - p) W + p R``, ``R`` a seeded draw of its default init scaled to ``‖W‖`` ("shrink and
+  perturb", Ash & Adams, "On Warm-Starting Neural Network Training", NeurIPS 2020: warm-started
+  networks train worse than fresh ones, and mixing in fresh random weights restores it).
 
 The defaults were chosen on the validation split by the fine-tuning benchmark
 (:mod:`ghn_onnx.training.finetune`, RESULTS.md "Fine-tuning from predictions"; so far one held-out
@@ -83,7 +95,7 @@ class ForTraining:
     orthogonal_from: float | None = 0.0
     seed: int = 0
     normalised_only: bool = True
-    rescale: bool = False
+    rescale: bool = True
     perturb: float = 0.0
 
     def __post_init__(self) -> None:
