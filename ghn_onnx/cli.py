@@ -197,16 +197,18 @@ def _draw(graph: Graph, path: Path, fmt: str) -> None:
 # -- predict -------------------------------------------------------------------------------------
 
 def for_training_options(command):
-    """--for-training [--noise F] [--orthogonal-from F | --no-orthogonal] [--rescale/--no-rescale] [--noise-seed N],
+    """--for-training [--noise F] [--orthogonal-from F | --no-orthogonal] [--rescale/--no-rescale] [--perturb P]
+    [--noise-seed N],
     given to the command as one ``for_training`` argument: a :class:`~ghn_onnx.writeback.for_training.ForTraining`, or
     ``None`` without --for-training."""
     @functools.wraps(command)
     def run(*args, for_training: bool, noise: float | None, orthogonal_from: float | None,
-            no_orthogonal: bool, rescale: bool | None, noise_seed: int, **kwargs):
+            no_orthogonal: bool, rescale: bool | None, perturb: float | None, noise_seed: int, **kwargs):
         if not for_training:
-            if noise is not None or orthogonal_from is not None or no_orthogonal or rescale is not None:
-                raise InputError("--noise, --orthogonal-from, --no-orthogonal and --rescale/--no-rescale go with "
-                                 "--for-training")
+            if noise is not None or orthogonal_from is not None or no_orthogonal or rescale is not None \
+                    or perturb is not None:
+                raise InputError("--noise, --orthogonal-from, --no-orthogonal, --rescale/--no-rescale and --perturb "
+                                 "go with --for-training")
             return command(*args, for_training=None, **kwargs)
         if no_orthogonal and orthogonal_from is not None:
             raise InputError("give --orthogonal-from or --no-orthogonal, not both")
@@ -216,13 +218,17 @@ def for_training_options(command):
         ortho = None if no_orthogonal else default.orthogonal_from if orthogonal_from is None else orthogonal_from
         try:
             options = ForTraining(noise=default.noise if noise is None else noise, orthogonal_from=ortho,
-                                  seed=noise_seed, rescale=default.rescale if rescale is None else rescale)
+                                  seed=noise_seed, rescale=default.rescale if rescale is None else rescale,
+                                  perturb=default.perturb if perturb is None else perturb)
         except GhnOnnxError as exc:
             raise InputError(str(exc)) from None
         return command(*args, for_training=options, **kwargs)
 
     run = click.option("--noise-seed", type=int, default=0, show_default=True,
                        help="Seed of the --for-training noise.")(run)
+    run = click.option("--perturb", type=float, default=None, metavar="P",
+                       help="With --for-training: mix every conv/linear weight but the classifier with a seeded "
+                            "draw of its default init, (1-P) W + P R at W's norm (default 0: off).")(run)
     run = click.option("--rescale/--no-rescale", default=None,
                        help="With --for-training: scale each weight that a normalisation follows to its "
                             "default init's norm (the function is unchanged under batch statistics; the "

@@ -135,7 +135,8 @@ def test_cli_for_training_writes_the_record(tmp_path):
     assert (record["noise"], record["seed"], record["orthogonal_from"]) == (0.05, 7, 0.0)
 
 
-@pytest.mark.parametrize("args", [["--noise", "0.1"], ["--no-orthogonal"], ["--for-training", "--noise", "-1"],
+@pytest.mark.parametrize("args", [["--noise", "0.1"], ["--no-orthogonal"], ["--rescale"], ["--perturb", "0.5"],
+                                  ["--for-training", "--noise", "-1"], ["--for-training", "--perturb", "2"],
                                   ["--for-training", "--orthogonal-from", "2"],
                                   ["--for-training", "--orthogonal-from", "0.5", "--no-orthogonal"]])
 def test_cli_for_training_usage_errors_are_one_line(tmp_path, args):
@@ -178,6 +179,25 @@ def test_cli_no_orthogonal_is_noise_only(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["ghn_onnx.for_training"])
     assert record["orthogonal_from"] is None and record["orthogonalised"] == 0
+
+
+def test_cli_rescale_and_perturb_reach_the_record(tmp_path):
+    from click.testing import CliRunner
+
+    from ghn_onnx.cli import main
+    import onnx
+
+    records = []
+    for i, flags in enumerate([[], ["--no-rescale", "--perturb", "0.25"]]):
+        out = tmp_path / f"out{i}.onnx"
+        result = CliRunner().invoke(main, ["predict", "tests/fixtures/frameworks/torch_cnn.onnx", "-o", str(out),
+                                           "--for-training", *flags])
+        assert result.exit_code == 0, result.output
+        records.append(json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}
+                                  ["ghn_onnx.for_training"]))
+    assert (records[0]["rescale"], records[0]["perturb"]) == (True, 0.0) and records[0]["rescaled"] > 0
+    assert (records[1]["rescale"], records[1]["perturb"], records[1]["rescaled"]) == (False, 0.25, 0)
+    assert records[1]["perturbed"] > 0
 
 
 def test_normalised_weights_follow_biases_and_weights_to_a_norm():
