@@ -19,7 +19,7 @@ from ghn_onnx.training.datasets import ImageSet, normalize
 from ghn_onnx.training.evaluation import sgd_curve
 from ghn_onnx.training.finetune import (INITS, RECIPES, BenchNet, FinetuneConfig, FinetuneConfigError, InitData,
                                         choose_lr, finetune_benchmark, format_finetune, generated_net, merge_results,
-                                        load_parameters, parse_init, targets, train_curve)
+                                        load_parameters, parse_init, select_inits, targets, train_curve)
 from ghn_onnx.writeback.for_training import ForTraining, for_training
 
 
@@ -143,6 +143,13 @@ def test_runs_split_by_init_merge_and_baselines_need_no_checkpoint():
     assert (t["at_least_as_good"], t["nets"]) == (1, 2)
     with pytest.raises(FinetuneConfigError, match="GHN inits that differ in checkpoint_sha256"):
         merge_results([result(["ghn"], [(0.3,), (0.3,)], "a"), new])
+    # an older run of every init: its baselines merge with the new ghn-ft once its GHN runs are left out
+    old = result(["default", "lsuv", "ghn-ft"], [(0.30, 0.35, 0.1), (0.40, 0.20, 0.1)], "old")
+    with pytest.raises(FinetuneConfigError, match="GHN inits that differ"):
+        merge_results([old, new])
+    assert merge_results([select_inits(old, ["default", "lsuv"]), new])["nets"] == merged["nets"]
+    with pytest.raises(FinetuneConfigError, match="no runs of ghn"):
+        select_inits(old, ["ghn"])
     with pytest.raises(FinetuneConfigError, match="share networks and inits"):
         merge_results([base, base])
     with pytest.raises(FinetuneConfigError, match="different post-processing"):

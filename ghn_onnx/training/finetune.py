@@ -469,6 +469,26 @@ def merge_results(results: list[dict]) -> dict:
     return out
 
 
+def select_inits(result: dict, inits: list[str]) -> dict:
+    """``result`` with only the runs of ``inits`` (e.g. its checkpoint-free baselines, to merge
+    with a re-measurement of the GHN inits from a newer checkpoint); ``targets`` recomputed.
+
+    Raises:
+        FinetuneConfigError: an init that ``result`` did not run.
+    """
+    missing = [s for s in inits if s not in result["meta"]["config"]["inits"]]
+    if missing:
+        raise FinetuneConfigError(f"the benchmark result has no runs of {', '.join(missing)}")
+    meta = {**result["meta"], "config": {**result["meta"]["config"], "inits": list(inits)}}
+    if "post_processing" in meta:
+        meta["post_processing"] = {k: v for k, v in meta["post_processing"].items() if k in inits}
+    nets = [{**e, "runs": {opt: {s: r for s, r in by_init.items() if s in inits} for opt, by_init in e["runs"].items()}}
+            for e in result["nets"]]
+    out = {"meta": meta, "nets": nets}
+    out["targets"] = targets(out)
+    return out
+
+
 def _init_name(spec: str) -> str:
     return spec.partition(":")[0]
 
