@@ -244,6 +244,11 @@ def test_plot_finetune_writes_a_png(splits, tmp_path):
                                 nets=[_tiny_bench()])
     path = plot_finetune(result, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a merged result where an init ran on some nets only: drawn over those, listed for those
+    other = {**result["nets"][0], "net": "other", "runs": {"sgd": {}}}
+    partial = {**result, "nets": result["nets"] + [other]}
+    assert plot_finetune(partial, tmp_path / "partial.png").stat().st_size > 0
+    assert format_finetune(partial).count("| default |") == 1
 
 
 class _FakeGhn:

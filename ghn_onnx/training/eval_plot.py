@@ -91,7 +91,7 @@ _INIT_COLOURS = ("#7f7f7f", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b
 def plot_finetune(result: dict, path: str | Path) -> Path:
     """Accuracy vs steps per initialisation of the fine-tuning benchmark
     (:func:`ghn_onnx.training.finetune.finetune_benchmark`): one panel per optimiser, the mean over
-    networks as a thick line, each network as a thin one. Returns ``path`` (PNG)."""
+    networks that ran the init as a thick line, each network as a thin one. Returns ``path`` (PNG)."""
     plt = _pyplot()
     meta = result["meta"]
     cfg = meta["config"]
@@ -99,14 +99,16 @@ def plot_finetune(result: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(opts), figsize=(6.5 * len(opts), 5.0), dpi=120, squeeze=False)
     for ax, opt in zip(axes[0], opts):
         for spec, colour in zip(inits, _INIT_COLOURS * 4):
-            runs = [e["runs"][opt][spec] for e in result["nets"]]
+            runs = [e["runs"][opt][spec] for e in result["nets"] if spec in e["runs"].get(opt, {})]
+            if not runs:  # a merged result need not have every init on every net
+                continue
             steps = runs[0]["steps"]
             for r in runs:
                 ax.plot(steps, [100 * a for a in r["acc"]], "-", color=colour, alpha=0.25, linewidth=0.8)
             mean = [100 * sum(r["acc"][j] for r in runs) / len(runs) for j in range(len(steps))]
             lrs = sorted({r["lr"] for r in runs})
             ax.plot(steps, mean, "-o", color=colour, linewidth=2, markersize=4,
-                    label=f"{spec} (lr {', '.join(f'{v:g}' for v in lrs)})")
+                    label=f"{spec} ({len(runs)} nets, lr {', '.join(f'{v:g}' for v in lrs)})")
         ax.axhline(10, color="grey", linewidth=0.8, linestyle="-.")
         ax.set_xlabel(f"{opt} steps (batch {cfg['batch_size']})")
         ax.set_ylabel("CIFAR-10 test accuracy (%)")

@@ -521,12 +521,13 @@ def format_finetune(result: dict) -> str:
     lines = []
     for opt in result["meta"]["config"]["optimizers"]:
         inits = result["meta"]["config"]["inits"]
-        steps = result["nets"][0]["runs"][opt][inits[0]]["steps"] if result["nets"] else []
+        cells = [r for e in result["nets"] for r in e["runs"].get(opt, {}).values()]
+        steps = cells[0]["steps"] if cells else []
         lines += [f"{opt}: {result['meta']['recipes'][opt]}", "",
                   "| net | init | lr | " + " | ".join(f"{s} steps" for s in steps) + " |",
                   "|---|---|---|" + "---|" * len(steps)]
         for e in result["nets"]:
-            for spec in inits:
+            for spec in (s for s in inits if s in e["runs"].get(opt, {})):
                 r = e["runs"][opt][spec]
                 lines.append(f"| {e['net']} | {spec} | {r['lr']:g} | "
                              + " | ".join(f"{100 * a:.1f}" for a in r["acc"]) + " |")
