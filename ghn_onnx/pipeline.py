@@ -85,8 +85,9 @@ class PredictOptions:
             given is; a GHN given on another device is an error.
         metadata: extra ``ghn_onnx.*`` metadata written into each output (string values).
         reference: the sequential reference propagation (benchmarks and tests).
-        for_training: post-process the predictions for fine-tuning (noise on tiled rows, optional
-            orthogonalisation; :mod:`ghn_onnx.writeback.for_training`), recorded in the output's
+        for_training: post-process the predictions for fine-tuning (noise on tiled rows,
+            orthogonalisation and rescaling of normalised weights;
+            :mod:`ghn_onnx.writeback.for_training`), recorded in the output's
             ``ghn_onnx.for_training`` metadata. ``True`` means ``ForTraining()``; ``None``: as predicted.
         reserialize: :func:`predict_files` writes each output by serialising the whole model, not
             by splicing the predicted values into its serialised skeleton
