@@ -185,7 +185,9 @@ def for_training(graph: Graph, predictions: Mapping[str, np.ndarray],
     cls_w, _ = classifier_nodes(graph)
     weights = [i for i, n in enumerate(graph.nodes) if n.primitive in WEIGHT_PRIMITIVES and i != cls_w]
     ortho_start = None if options.orthogonal_from is None else options.orthogonal_from * len(weights)
-    normalised = normalised_weights(graph) if options.normalised_only or options.rescale else set(weights)
+    # the normalised weights are what rescaling touches, and all orthogonalisation may touch
+    # when normalised_only; computed only when one of the two needs them
+    normalised = normalised_weights(graph) if options.normalised_only or options.rescale else set()
     ortho_set = normalised if options.normalised_only else set(weights)
     noised_tensors = noised_rows = orthogonalised = rescaled = perturbed = 0
     for depth, i in enumerate(weights):
